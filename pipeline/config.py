@@ -1,0 +1,109 @@
+"""The `etl` section of params.yaml as a typed, validated config."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from hndsr.config import ConfigError, from_mapping
+from hndsr.degradation import is_exact
+
+SPLITS = ("train", "val", "test")
+GROUP_BY = ("auto", "image", "block")
+
+
+@dataclass(frozen=True)
+class SplitRatios:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+
+@dataclass(frozen=True)
+class EtlParams:
+    """What the ETL stage reads, how it tiles, and how it assigns splits (see params.yaml for each key)."""
+
+    source: str = "bluemarble"
+    lr_source: str | None = None
+    tile_size: int = 120
+    scales: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0, 4.0])
+    min_tile_std: float = 6.0
+    group_by: str = "auto"
+    block_tiles: int = 4
+    group_regex: str | None = None
+    guard: bool = True
+    splits: SplitRatios = field(default_factory=SplitRatios)
+    split_seed: int = 0
+    max_image_pixels: int = 150_000_000
+
+    def __post_init__(self) -> None:
+        if not self.source.strip():
+            raise ConfigError("etl.source: must name a source: bluemarble, a folder, or s3://bucket/prefix")
+        if self.lr_source is not None and self.source == "bluemarble":
+            raise ConfigError("etl.lr_source: only a folder or s3:// source can have paired LR images")
+        if self.tile_size < 8:
+            raise ConfigError(f"etl.tile_size: must be at least 8 pixels, got {self.tile_size}")
+        if not self.scales:
+            raise ConfigError("etl.scales: list at least one scale, e.g. [2, 2.5, 3, 4]")
+        if len(set(self.scales)) != len(self.scales):
+            raise ConfigError(f"etl.scales: contains duplicates: {self.scales}")
+        for i, scale in enumerate(self.scales):
+            if not math.isfinite(scale) or scale <= 1.0:
+                raise ConfigError(f"etl.scales[{i}]: every scale must be greater than 1, got {scale}")
+            if not is_exact(self.tile_size, scale):
+                raise ConfigError(
+                    f"etl.scales[{i}]: tile_size {self.tile_size} / scale {scale} is not a whole number, so "
+                    f"LR tiles would not map back to {self.tile_size} px; pick a tile_size that every scale "
+                    "divides (120 or 240 work for 2, 2.5, 3 and 4)"
+                )
+        if self.min_tile_std < 0:
+            raise ConfigError(f"etl.min_tile_std: must be >= 0, got {self.min_tile_std}")
+        if self.group_by not in GROUP_BY:
+            raise ConfigError(f"etl.group_by: must be one of {', '.join(GROUP_BY)}, got {self.group_by!r}")
+        if self.block_tiles < 1:
+            raise ConfigError(f"etl.block_tiles: must be at least 1, got {self.block_tiles}")
+        if self.group_regex is not None:
+            try:
+                re.compile(self.group_regex)
+            except re.error as exc:
+                raise ConfigError(f"etl.group_regex: not a valid regular expression ({exc})") from None
+        ratios = asdict(self.splits)
+        for name, ratio in ratios.items():
+            if not 0.0 <= ratio <= 1.0:
+                raise ConfigError(f"etl.splits.{name}: must be between 0 and 1, got {ratio}")
+        if abs(sum(ratios.values()) - 1.0) > 1e-6:
+            raise ConfigError(
+                f"etl.splits: train + val + test must sum to 1, got {sum(ratios.values()):.6g} ({ratios})"
+            )
+        if self.splits.train <= 0.0:
+            raise ConfigError("etl.splits.train: must be greater than 0")
+        if self.max_image_pixels < self.tile_size * self.tile_size:
+            raise ConfigError(f"etl.max_image_pixels: must allow at least one tile, got {self.max_image_pixels}")
+
+    @property
+    def effective_group_by(self) -> str:
+        """`auto` means spatial blocks for the Blue Marble mosaic and whole images for everything else."""
+        if self.group_by != "auto":
+            return self.group_by
+        return "block" if self.source == "bluemarble" else "image"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_params(path: str | Path) -> EtlParams:
+    """Read the `etl` section of a params file; raise ConfigError naming the key on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(document, dict) or "etl" not in document:
+        raise ConfigError(f"{path}: has no `etl` section")
+    return from_mapping(EtlParams, document["etl"] or {}, where="etl")

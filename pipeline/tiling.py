@@ -1,0 +1,99 @@
+"""Cutting HR tiles, filtering them, and assigning each to a split by its source group.
+
+Tiles are non-overlapping squares on a grid anchored at the top-left corner; the right and bottom remainders
+that do not fill a whole tile are left out. A tile is dropped as near-uniform when the standard deviation of
+its luminance (0.299 R + 0.587 G + 0.114 B, in 0..255 units) is below `min_tile_std`: open ocean, cloud
+decks and no-data fill carry no structure to learn from.
+
+Splits are assigned per *group*, never per tile, from a hash of the group id and `split_seed`, so the
+assignment is deterministic and a group keeps its split when other data is added. A group is a source image
+(optionally merged by `group_regex`, e.g. several acquisitions of one place), or, for one large mosaic, a
+square block of `block_tiles` x `block_tiles` tiles. With blocks, `guard` also drops every tile that touches
+(8-neighbourhood) a kept tile of a more held-out split (test over val over train), so no two kept tiles of
+different splits share an edge or a corner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+SPLIT_PRIORITY = {"train": 0, "val": 1, "test": 2}
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def content_hash(pixels: np.ndarray) -> str:
+    """SHA-256 of an image array's shape and pixel bytes: equal hashes mean identical pixels."""
+    digest = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One row of tiles: tile r covers pixels [row*T, (row+1)*T) vertically."""
+
+    row: int
+    tiles: np.ndarray  # (n_cols, T, T, 3) uint8
+    std: np.ndarray  # (n_cols,) luminance standard deviation of each tile
+
+
+def grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
+    """Number of whole tiles (rows, cols) that fit in an image."""
+    return height // tile_size, width // tile_size
+
+
+def iter_grid_rows(image: np.ndarray, tile_size: int) -> Iterator[GridRow]:
+    """Yield the image's tile rows, one at a time so memory stays at one row of tiles."""
+    n_rows, n_cols = grid_shape(image.shape[0], image.shape[1], tile_size)
+    for row in range(n_rows):
+        band = image[row * tile_size : (row + 1) * tile_size, : n_cols * tile_size]  # (T, C*T, 3)
+        tiles = band.reshape(tile_size, n_cols, tile_size, 3).transpose(1, 0, 2, 3)  # (C, T, T, 3)
+        luma = tiles.astype(np.float32) @ _LUMA  # (C, T, T)
+        yield GridRow(row, np.ascontiguousarray(tiles), luma.reshape(n_cols, -1).std(axis=1))
+
+
+def group_id(source_key: str, row: int, col: int, *, group_by: str, block_tiles: int,
+             group_regex: str | None) -> str:
+    """The split group of the tile at grid position (row, col) of `source_key`."""
+    base = source_key
+    if group_regex is not None:
+        match = re.search(group_regex, source_key)
+        if match:
+            base = match.group(1) if match.groups() else match.group(0)
+    if group_by == "block":
+        return f"{base}#block-{row // block_tiles}-{col // block_tiles}"
+    return base
+
+
+def assign_split(group: str, ratios: Mapping[str, float], seed: int) -> str:
+    """Deterministic split for a group: a uniform number from SHA-256(seed:group) cut by the ratios."""
+    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    cumulative = 0.0
+    for split in ("train", "val"):
+        cumulative += ratios[split]
+        if u < cumulative:
+            return split
+    return "test" if ratios["test"] > 0 else ("val" if ratios["val"] > 0 else "train")
+
+
+def guard_band(splits: Mapping[tuple[int, int], str]) -> set[tuple[int, int]]:
+    """Grid positions to drop so no kept tile touches a kept tile of a more held-out split.
+
+    `splits` maps (row, col) of the kept tiles of one image to their split. The decision is made on the
+    input set as a whole, so it does not depend on visiting order.
+    """
+    dropped = set()
+    for (row, col), split in splits.items():
+        mine = SPLIT_PRIORITY[split]
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                other = splits.get((row + dr, col + dc))
+                if other is not None and SPLIT_PRIORITY[other] > mine:
+                    dropped.add((row, col))
+    return dropped

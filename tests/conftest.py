@@ -1,0 +1,118 @@
+"""Shared fixtures: the real images in ../shared/data/realsat, and local S3 server processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO.parent / "shared" / "data" / "realsat"))
+
+
+@pytest.fixture(scope="session")
+def realsat() -> Path:
+    """The ten real satellite/aerial images beside the repository (or at $HNDSR_REALSAT).
+
+    Missing images fail the tests, except where HNDSR_REALSAT_OPTIONAL=1 says this host cannot have them
+    (GitHub's runners): there the tests that need them are skipped, visibly.
+    """
+    if not REALSAT.is_dir():
+        message = f"{REALSAT} is missing: the tests need the real-image folder (set HNDSR_REALSAT)"
+        if os.environ.get("HNDSR_REALSAT_OPTIONAL") == "1":
+            pytest.skip(message)
+        pytest.fail(message)
+    return REALSAT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    process: subprocess.Popen
+
+    def env(self, access_key: str = "testing", secret_key: str = "testing") -> dict[str, str]:
+        """Environment that points boto3 (and our S3 source) at this server, ignoring ~/.aws."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+
+    def client(self):
+        import boto3
+
+        env = self.env()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        )
+
+
+def _start_moto(extra_env: dict[str, str]) -> S3Server:
+    executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if executable is None:
+        pytest.fail("moto_server not found: install the dev extra (pip install -e '.[dev]')")
+    port = free_port()
+    process = subprocess.Popen(
+        [executable, "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **extra_env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"moto_server exited with {process.returncode} before it was ready")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            return S3Server(endpoint, process)
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail("moto_server did not answer within 30 s")
+
+
+def _stop(server: S3Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3 API endpoint (moto's server) on a loopback port, accepting any credentials."""
+    server = _start_moto({})
+    yield server
+    _stop(server)
+
+
+@pytest.fixture(scope="session")
+def s3_server_with_auth() -> Iterator[S3Server]:
+    """A local S3 server that checks credentials from the first request: unknown keys are refused."""
+    server = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield server
+    _stop(server)
