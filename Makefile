@@ -14,13 +14,14 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test lint status clean help
+.PHONY: setup repro test lint status ui clean help
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
 	@echo "make test    set up .venv and run the tests"
 	@echo "make lint    ruff over the code"
 	@echo "make status  what dvc would re-run, and the current metrics"
+	@echo "make ui      the MLflow UI on mlflow.db at http://127.0.0.1:5000 (MLFLOW_PORT=... to change)"
 	@echo "make clean   remove .venv and pipeline outputs (data/, models/)"
 
 setup: $(STAMP)
@@ -47,6 +48,10 @@ lint: $(STAMP)
 status: $(STAMP)
 	$(RUN) dvc status
 	$(RUN) dvc metrics show
+
+MLFLOW_PORT ?= 5000
+ui: $(STAMP)
+	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf $(VENV) data/processed models

@@ -16,6 +16,8 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "etl": ("pipeline.etl", "cut source imagery into HR/LR tiles and write the Parquet splits + manifest"),
+    "train": ("training.stages", "train one stage (autoencoder, operator, diffusion) with an Optuna sweep"),
+    "evaluate": ("training.evaluate", "score HNDSR, its prior and bicubic on the test split at every scale"),
 }
 
 # Errors a user can fix: printed as one line, exit status 1 (2 for bad params or arguments).
@@ -23,6 +25,9 @@ _USER_ERRORS = {
     "hndsr.config.ConfigError": 2,
     "pipeline.sources.SourceError": 1,
     "pipeline.etl.EtlError": 1,
+    "training.data.DataError": 1,
+    "training.study.TrainingError": 1,
+    "hndsr.checkpoint.CheckpointError": 1,
 }
 
 

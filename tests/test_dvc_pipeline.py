@@ -1,5 +1,6 @@
 """End to end: `dvc repro` of the real dvc.yaml in a temporary copy of the repository (slow, few)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline"]
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline", "training"]
 
 
 def _run(args, cwd):
@@ -43,7 +44,7 @@ def project(tmp_path, realsat):
 
 @pytest.mark.slow
 def test_dvc_repro_runs_etl_then_skips_until_something_changes(project):
-    first = _run(["dvc", "repro"], project)
+    first = _run(["dvc", "repro", "etl"], project)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "Running stage 'etl'" in first.stdout
     assert "etl: read 3 images (0 skipped)" in first.stdout
@@ -53,14 +54,14 @@ def test_dvc_repro_runs_etl_then_skips_until_something_changes(project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["etl"]["params"]["params.yaml"]["etl"]["source"] == "data/raw"
 
-    second = _run(["dvc", "repro"], project)
+    second = _run(["dvc", "repro", "etl"], project)
     assert second.returncode == 0
     assert "Stage 'etl' didn't change, skipping" in second.stdout
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["etl"]["min_tile_std"] = 7.5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _run(["dvc", "repro"], project)
+    third = _run(["dvc", "repro", "etl"], project)
     assert third.returncode == 0
     assert "Running stage 'etl'" in third.stdout
 
@@ -70,7 +71,82 @@ def test_dvc_repro_fails_cleanly_on_bad_params(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["etl"]["splits"] = {"train": 0.9, "val": 0.1, "test": 0.1}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = _run(["dvc", "repro"], project)
+    result = _run(["dvc", "repro", "etl"], project)
     assert result.returncode != 0
     assert "etl.splits: train + val + test must sum to 1" in result.stderr + result.stdout
     assert not (project / "data" / "processed").exists()
+
+
+TINY = {
+    "train": {"val_tiles": 4, "study_storage": "sqlite:///optuna.db"},
+    "train_autoencoder": {"iterations": 12, "eval_every": 6, "batch_size": 4, "crop": 32,
+                          "model": {"latent_channels": 8, "width": 8, "blocks": 1}},
+    "train_operator": {"iterations": 12, "eval_every": 6, "batch_size": 4, "crop": 32,
+                       "model": {"width": 8, "modes": 4, "layers": 2}},
+    "train_diffusion": {"iterations": 12, "eval_every": 6, "batch_size": 4, "crop": 32,
+                        "model": {"width": 8, "emb_dim": 16}},
+}
+
+
+def _shrink(project: Path) -> dict:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for name, values in TINY.items():
+        params[name].update(values)
+    params["train_diffusion"]["sampling"].update(steps_choices=[2], temperature_choices=[0.5])
+    params["etl"]["splits"] = {"train": 0.5, "val": 0.25, "test": 0.25}
+    params["etl"]["split_seed"] = 7  # with three images: grenada train, bahamas val, rotterdam test
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+@pytest.mark.slow
+def test_full_pipeline_tiny(project):
+    params = _shrink(project)
+    result = _run(["dvc", "repro"], project)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("autoencoder", "operator", "diffusion"):
+        assert (project / "models" / stage / "model.safetensors").is_file()
+        assert (project / "models" / stage / "config.json").is_file()
+        assert (project / "models" / stage / "metrics.json").is_file()
+        assert (project / "metrics" / f"{stage}_curve.csv").read_text().startswith("step,")
+    report = json.loads((project / "metrics" / "eval.json").read_text())
+    assert set(report["scales"]) == {"2", "2.5", "3", "4"}
+    for values in report["scales"].values():
+        for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "detail_ratio"):
+            assert isinstance(values[key], float)
+    assert (project / "reports" / "eval_grid.png").stat().st_size > 0
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hndsr")
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    parents = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"autoencoder", "operator", "diffusion", "evaluate"}
+    dataset = json.loads((project / "data" / "processed" / "manifest.json").read_text())["dataset_hash"]
+    for stage in ("autoencoder", "operator", "diffusion"):
+        parent = parents[stage]
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["dataset_hash"] == dataset
+        assert len(parent.data.tags["git_commit"]) >= 7 and len(parent.data.tags["params_hash"]) == 64
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == params[f"train_{stage}"]["n_trials"]
+        assert all("val_score" in c.data.metrics for c in children)
+        assert "best_objective" in parent.data.metrics
+    assert "test_psnr_x4" in parents["evaluate"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parents["operator"].info.run_id)}
+    assert "optuna_history.png" in artifacts
+
+    again = _run(["dvc", "repro"], project)
+    assert again.returncode == 0 and "Data and pipelines are up to date." in again.stdout
+
+    # Determinism on the CPU: forcing every stage again reproduces every metric and every weight exactly.
+    before = _outputs(project)
+    forced = _run(["dvc", "repro", "--force"], project)
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    assert _outputs(project) == before
+
+
+def _outputs(project: Path) -> dict[str, bytes]:
+    files = sorted((project / "metrics").glob("*")) + sorted((project / "models").rglob("model.safetensors"))
+    return {str(f.relative_to(project)): f.read_bytes() for f in files}

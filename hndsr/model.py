@@ -1,0 +1,109 @@
+"""The composed HNDSR model: autoencoder + neural operator (prior) + diffusion UNet refined with DDIM.
+
+    upsampled = bicubic(lr -> output size)                       # (B, 3, H, W)
+    prior     = encode(upsampled) + operator(upsampled, scale)    # (B, latent, H/2, W/2)
+    residual  = DDIM sample of the UNet, conditioned on prior     # steps = 0: residual = 0
+    hr        = decode(prior + residual)                          # (B, 3, H, W)
+
+The output size follows `hndsr.degradation.hr_size`: round_half_up(lr_size * scale) per axis. Internally
+the grid is padded (replicate) to a multiple of 4 (latent factor 2 x one UNet downsampling) and cropped back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hndsr.degradation import check_scale, hr_size
+from hndsr.networks import LATENT_FACTOR, Autoencoder, DiffusionUNet, NeuralOperator
+from hndsr.scheduler import DDIMScheduler
+
+PAD_MULTIPLE = 2 * LATENT_FACTOR
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings recorded with the diffusion checkpoint (chosen on validation by its stage)."""
+
+    steps: int = 8
+    eta: float = 0.0
+    temperature: float = 1.0  # standard deviation of the starting noise; < 1 trades detail for fidelity
+
+
+def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The bicubic baseline (and the operator's input): (B, 3, h, w) -> (B, 3, *size), clamped to [0, 1]."""
+    return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def output_size(lr: torch.Tensor, scale: float) -> tuple[int, int]:
+    return hr_size(lr.shape[-2], scale), hr_size(lr.shape[-1], scale)
+
+
+class HNDSR(nn.Module):
+    def __init__(self, autoencoder: Autoencoder, operator: NeuralOperator, unet: DiffusionUNet | None,
+                 scheduler: DDIMScheduler, *, min_scale: float, max_scale: float,
+                 defaults: SamplingDefaults | None = None) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.operator = operator
+        self.unet = unet
+        self.scheduler = scheduler
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.defaults = defaults or SamplingDefaults()
+
+    def check_scale(self, scale: float) -> float:
+        scale = check_scale(scale)
+        if not self.min_scale - 1e-9 <= scale <= self.max_scale + 1e-9:
+            raise ValueError(f"scale {scale} is outside the trained range [{self.min_scale}, {self.max_scale}]")
+        return scale
+
+    def prior(self, lr: torch.Tensor, scale: float, size: tuple[int, int]) -> torch.Tensor:
+        """Latent prior on the padded output grid: (B, latent, ceil4(H)/2, ceil4(W)/2)."""
+        upsampled = _pad(bicubic_upsample(lr, size))
+        scales = torch.full((lr.shape[0],), scale, device=lr.device)
+        return self.autoencoder.encode(upsampled) + self.operator(upsampled, scales)
+
+    def sample_residual(self, prior: torch.Tensor, scale: float, *, steps: int, eta: float, temperature: float,
+                        seed: int | None) -> torch.Tensor:
+        """DDIM sampling of the latent residual, conditioned on `prior`; same seed, same result."""
+        if self.unet is None:
+            raise ValueError("this model has no diffusion UNet; use steps = 0")
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        noise = torch.randn(prior.shape, generator=generator, dtype=prior.dtype).to(prior.device)
+        sample = temperature * noise
+        scales = torch.full((prior.shape[0],), scale, device=prior.device)
+        for t in self.scheduler.set_timesteps(steps).tolist():
+            timesteps = torch.full((prior.shape[0],), t, device=prior.device, dtype=torch.long)
+            out = self.unet(sample, timesteps, prior, scales)
+            sample = self.scheduler.step(out, t, sample, eta=eta, generator=generator)
+        return sample
+
+    @torch.no_grad()
+    def super_resolve(self, lr: torch.Tensor, scale: float, *, steps: int | None = None, seed: int | None = None,
+                      eta: float | None = None, temperature: float | None = None,
+                      size: tuple[int, int] | None = None) -> torch.Tensor:
+        """HR image for `lr` (B, 3, h, w) in [0, 1] at `scale`; `steps = 0` decodes the prior directly.
+
+        Returns (B, 3, H, W) in [0, 1], with (H, W) = `size` or the size rule for `scale`.
+        """
+        scale = self.check_scale(scale)
+        steps = self.defaults.steps if steps is None else int(steps)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        height, width = size or output_size(lr, scale)
+        latent = self.prior(lr, scale, (height, width))
+        if steps > 0:
+            latent = latent + self.sample_residual(
+                latent, scale, steps=steps, seed=seed,
+                eta=self.defaults.eta if eta is None else eta,
+                temperature=self.defaults.temperature if temperature is None else temperature)
+        return self.autoencoder.decode(latent)[..., :height, :width].clamp(0.0, 1.0)
+
+
+def _pad(x: torch.Tensor) -> torch.Tensor:
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (-height) % PAD_MULTIPLE, (-width) % PAD_MULTIPLE
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+
+from hndsr.checkpoint import CheckpointError, load_model, load_network, save_network, upstream_hashes
+from hndsr.degradation import hr_size
+from hndsr.model import HNDSR, SamplingDefaults
+from hndsr.networks import (
+    Autoencoder,
+    AutoencoderConfig,
+    DiffusionUNet,
+    NeuralOperator,
+    OperatorConfig,
+    SpectralConv2d,
+    UNetConfig,
+)
+from hndsr.scheduler import DDIMScheduler
+
+
+def _model(seed=0) -> HNDSR:
+    torch.manual_seed(seed)
+    ae = Autoencoder(AutoencoderConfig(latent_channels=4, width=8, blocks=1))
+    ae.fit_linear(torch.rand(2, 3, 16, 16))
+    op = NeuralOperator(OperatorConfig(latent_channels=4, width=8, modes=4, layers=2))
+    torch.nn.init.normal_(op.project[-1].weight, std=0.01)  # not the zero start, so the operator matters
+    unet = DiffusionUNet(UNetConfig(latent_channels=4, width=8, emb_dim=16))
+    return HNDSR(ae, op, unet, DDIMScheduler(), min_scale=2, max_scale=4,
+                 defaults=SamplingDefaults(steps=2, temperature=0.5)).eval()
+
+
+@pytest.mark.parametrize("scale", [2.0, 2.5, 3.0, 3.7, 4.0])
+@pytest.mark.parametrize(("height", "width"), [(16, 16), (13, 21), (30, 7)])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_output_size_follows_the_size_rule(scale, height, width, steps):
+    out = _model().super_resolve(torch.rand(2, 3, height, width), scale, steps=steps, seed=1)
+    assert out.shape == (2, 3, hr_size(height, scale), hr_size(width, scale))
+    assert out.min() >= 0 and out.max() <= 1 and torch.isfinite(out).all()
+
+
+def test_same_seed_same_output_and_steps_change_it():
+    model, lr = _model(), torch.rand(1, 3, 12, 12)
+    a = model.super_resolve(lr, 2.5, steps=3, seed=7)
+    assert torch.equal(a, model.super_resolve(lr, 2.5, steps=3, seed=7))
+    assert not torch.equal(a, model.super_resolve(lr, 2.5, steps=3, seed=8))
+    assert not torch.equal(a, model.super_resolve(lr, 2.5, steps=0))
+
+
+def test_scale_outside_the_trained_range_is_refused():
+    with pytest.raises(ValueError, match=r"outside the trained range \[2.0, 4.0\]"):
+        _model().super_resolve(torch.rand(1, 3, 8, 8), 6.0)
+    with pytest.raises(ValueError, match="greater than 1"):
+        _model().super_resolve(torch.rand(1, 3, 8, 8), 1.0)
+
+
+def test_autoencoder_linear_start_is_near_lossless_on_its_data():
+    # Constant 2x2 blocks: 3 degrees of freedom per block, which 8 principal components hold exactly.
+    images = torch.nn.functional.interpolate(torch.rand(4, 3, 8, 8), scale_factor=2, mode="nearest")
+    ae = Autoencoder(AutoencoderConfig(latent_channels=8))
+    ae.fit_linear(images)
+    latent = ae.encode(images)
+    assert latent.shape == (4, 8, 8, 8)
+    assert (ae.decode(latent) - images).abs().max() < 1e-3
+    # Whitened: each component that carries variance has unit variance over the data (3 here).
+    channel_std = latent.detach().transpose(0, 1).flatten(1).std(1)
+    assert torch.allclose(channel_std[:3], torch.ones(3), atol=0.01)
+
+
+@pytest.mark.parametrize("modes", [1, 3, 8, 40])
+@pytest.mark.parametrize(("height", "width"), [(4, 4), (9, 14), (32, 17)])
+def test_spectral_conv_works_on_any_grid_and_keeps_only_low_modes(modes, height, width):
+    layer = SpectralConv2d(2, 3, modes)
+    out = layer(torch.randn(1, 2, height, width))
+    assert out.shape == (1, 3, height, width)
+    # A pure high-frequency input (Nyquist checkerboard) passes only if `modes` reaches that frequency.
+    if modes < height // 2 and modes < width // 2:
+        y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        nyquist = (((x + y) % 2) * 2 - 1).float().expand(1, 2, height, width)
+        if height % 2 == 0 and width % 2 == 0:
+            assert layer(nyquist).abs().max() < 1e-4
+
+
+def test_checkpoint_round_trip_rebuilds_from_config(tmp_path):
+    model = _model()
+    models = tmp_path / "models"
+    save_network(models / "autoencoder", "autoencoder", model.autoencoder)
+    save_network(models / "operator", "operator", model.operator,
+                 extra={"upstream": upstream_hashes("operator", models), "scale_range": [2.0, 4.0]})
+    save_network(models / "diffusion", "diffusion", model.unet,
+                 extra={"upstream": upstream_hashes("diffusion", models), "scale_range": [2.0, 4.0],
+                        "sampling": {"steps": 2, "eta": 0.0, "temperature": 0.5},
+                        "scheduler": {"num_train_timesteps": 1000, "prediction_type": "sample"}})
+    assert not list(models.rglob("*.pt")) and not list(models.rglob("*.pkl"))
+    loaded = load_model(models)
+    lr = torch.rand(1, 3, 10, 14)
+    assert torch.equal(loaded.super_resolve(lr, 3.0, seed=3), model.super_resolve(lr, 3.0, seed=3))
+    assert loaded.defaults == model.defaults
+    config = json.loads((models / "operator" / "config.json").read_text())
+    assert config["config"] == {"latent_channels": 4, "width": 8, "modes": 4, "layers": 2}
+    assert config["code_version"]
+
+
+def test_stale_or_missing_upstream_is_refused(tmp_path):
+    model = _model()
+    models = tmp_path / "models"
+    with pytest.raises(CheckpointError, match="no autoencoder checkpoint"):
+        load_model(models)
+    save_network(models / "autoencoder", "autoencoder", model.autoencoder)
+    save_network(models / "operator", "operator", model.operator,
+                 extra={"upstream": upstream_hashes("operator", models), "scale_range": [2.0, 4.0]})
+    retrained = _model(seed=1).autoencoder
+    save_network(models / "autoencoder", "autoencoder", retrained)
+    with pytest.raises(CheckpointError, match="trained on a different autoencoder checkpoint"):
+        load_model(models, with_diffusion=False)
+    with pytest.raises(CheckpointError, match="expected 'operator'"):
+        load_network(models / "autoencoder", "operator")

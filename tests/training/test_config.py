@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hndsr.config import ConfigError
+from training.config import STAGE_NAMES, load_common, load_evaluate, load_stage
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/gpu.yaml"])
+def test_params_files_are_valid(path):
+    common = load_common(path)
+    assert common.scale_range[0] < common.scale_range[1]
+    for stage in STAGE_NAMES:
+        params, extras = load_stage(path, stage)
+        assert params.n_trials >= 2, "each stage is a sweep"
+        assert params.search, f"{stage} declares no search space"
+        assert (extras is not None) == (stage == "diffusion")
+    load_evaluate(path)
+
+
+def _params(tmp_path, **sections):
+    document = yaml.safe_load(Path("params.yaml").read_text())
+    for name, values in sections.items():
+        document[name].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"scale_range": [4, 2]}, r"train\.scale_range: must be \[low, high\]"),
+        ("train", {"device": "tpu"}, r"train\.device: must be auto, cpu or cuda"),
+        ("train_operator", {"iterations": 0}, r"train_operator\.iterations: must be at least 1"),
+        ("train_operator", {"crop": 50}, r"train_operator\.crop: must be a multiple of 4"),
+        ("train_operator", {"search": {"momentum": {"low": 0.1, "high": 0.9}}}, r"searchable names are `lr`"),
+        ("train_operator", {"search": {"lr": {"low": 1.0, "high": 0.1}}}, r"needs low < high"),
+        ("train_operator", {"search": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, r"log range needs low > 0"),
+        ("train_operator", {"itrations": 5}, r"train_operator\.itrations: unknown key"),
+        ("train_diffusion", {"sampling": {"stepz": [4]}}, r"train_diffusion\.sampling\.stepz: unknown key"),
+    ],
+)
+def test_bad_training_params_name_the_key(tmp_path, section, values, message):
+    path = _params(tmp_path, **{section: values})
+    with pytest.raises(ConfigError, match=message):
+        load_common(path)
+        for stage in STAGE_NAMES:
+            load_stage(path, stage)

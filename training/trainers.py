@@ -1,0 +1,255 @@
+"""The three stage trainers: autoencoder, neural operator, diffusion UNet.
+
+Each trains one network for one set of hyperparameters (one Optuna trial), calling `report(step, metrics)`
+after every evaluation (Optuna prunes through it), and returns the trained network with its validation
+score. Upstream networks come frozen in the `Context`.
+
+Objectives (maximised): autoencoder, validation reconstruction PSNR; operator, validation PSNR of the decoded
+prior averaged over the dataset's scales; diffusion, validation PSNR of the full model with the probe
+sampling settings, averaged over scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hndsr.metrics import detail_ratio, psnr
+from hndsr.model import HNDSR, SamplingDefaults, bicubic_upsample
+from hndsr.networks import (
+    Autoencoder,
+    AutoencoderConfig,
+    DiffusionUNet,
+    NeuralOperator,
+    OperatorConfig,
+    UNetConfig,
+)
+from hndsr.scheduler import DDIMConfig, DDIMScheduler
+from training.config import DiffusionExtras, StageParams
+from training.data import CropSampler, PairSet, to_float
+
+log = logging.getLogger("hndsr.train")
+
+Report = Callable[[int, dict[str, float]], None]
+PROBE = SamplingDefaults(steps=4, eta=0.0, temperature=0.5)  # cheap sampling used to score diffusion trials
+LATENT_WEIGHT = 0.1  # operator loss: pixel L1 + this x latent L1 to the encoded HR
+
+
+@dataclass
+class Context:
+    """What every trial of a stage shares: data, device and the frozen upstream networks."""
+
+    train_tiles: torch.Tensor  # (N, 3, T, T) uint8
+    val: dict[float, PairSet]
+    scale_range: tuple[float, float]
+    device: torch.device
+    amp: bool
+    autoencoder: Autoencoder | None = None
+    operator: NeuralOperator | None = None
+    extras: DiffusionExtras | None = None
+
+
+@dataclass
+class TrialResult:
+    network: nn.Module
+    score: float
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def model_config(config_cls, params: StageParams, hp: dict, **fixed):
+    """The network config: params' `model` section, overridden by `model.<field>` hyperparameters."""
+    args = {**params.model, **{k[len("model."):]: v for k, v in hp.items() if k.startswith("model.")}, **fixed}
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        raise ValueError(f"unknown model argument {unknown[0]!r} for {config_cls.__name__} (known: {sorted(names)})")
+    return config_cls(**args)
+
+
+def _autocast(ctx: Context):
+    return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp)
+
+
+def _frozen(network: nn.Module | None, device: torch.device) -> nn.Module:
+    if network is None:
+        raise ValueError("an upstream network is missing from the context")
+    network = network.to(device).eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    return network
+
+
+def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Context, sampler: CropSampler,
+          loss_fn: Callable[[], torch.Tensor], evaluate: Callable[[], dict[str, float]], report: Report):
+    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=hp.get("lr", params.lr))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.iterations)
+    history, running = [], []
+    bar = tqdm(range(1, params.iterations + 1), desc=name, unit="it", leave=False, disable=None)
+    for step in bar:
+        network.train()
+        with _autocast(ctx):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        running.append(loss.item())
+        if step % params.eval_every == 0 or step == params.iterations:
+            network.eval()
+            with torch.no_grad():
+                metrics = {"train_loss": sum(running) / len(running), **evaluate()}
+            running = []
+            history.append({"step": step, **metrics})
+            bar.set_postfix(val=f"{metrics['val_score']:.3f}")
+            report(step, metrics)
+    return history
+
+
+def train_autoencoder(params: StageParams, hp: dict, ctx: Context, report: Report, seed: int) -> TrialResult:
+    config = model_config(AutoencoderConfig, params, hp)
+    network = Autoencoder(config)
+    network.fit_linear(to_float(ctx.train_tiles[:256]))
+    network = network.to(ctx.device)
+    sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
+                          scale_range=ctx.scale_range, seed=seed)
+    val_hr = to_float(next(iter(ctx.val.values())).hr).to(ctx.device)
+
+    def loss_fn():
+        hr = sampler.hr_batch().to(ctx.device)
+        return F.mse_loss(network(hr).float(), hr)
+
+    def evaluate():
+        value = psnr(network(val_hr).float().clamp(0, 1), val_hr).mean().item()
+        return {"val_score": value, "val_recon_psnr": value}
+
+    history = _loop("autoencoder", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
+    final = history[-1]
+    return TrialResult(network.cpu().eval(), final["val_score"], {"val_recon_psnr": final["val_recon_psnr"]},
+                       history)
+
+
+def _prior(ae: Autoencoder, op: NeuralOperator, lr: torch.Tensor, size, scale: float) -> tuple:
+    upsampled = bicubic_upsample(lr, size)
+    scales = torch.full((lr.shape[0],), scale, device=lr.device)
+    return upsampled, ae.encode(upsampled) + op(upsampled, scales)
+
+
+def evaluate_by_scale(ctx: Context, fn: Callable[[torch.Tensor, float, tuple], torch.Tensor],
+                      prefix: str) -> dict[str, float]:
+    """PSNR of `fn(lr, scale, size)` on every validation scale, plus their mean as `val_score`."""
+    metrics, scores = {}, []
+    for scale, pairs in ctx.val.items():
+        lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
+        value = psnr(fn(lr, scale, hr.shape[-2:]).float().clamp(0, 1), hr).mean().item()
+        metrics[f"{prefix}_x{scale:g}"] = value
+        scores.append(value)
+    metrics["val_score"] = sum(scores) / len(scores)
+    return metrics
+
+
+def train_operator(params: StageParams, hp: dict, ctx: Context, report: Report, seed: int) -> TrialResult:
+    ae = _frozen(ctx.autoencoder, ctx.device)
+    config = model_config(OperatorConfig, params, hp, latent_channels=ae.config.latent_channels)
+    network = NeuralOperator(config).to(ctx.device)
+    sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
+                          scale_range=ctx.scale_range, seed=seed)
+
+    def loss_fn():
+        lr, hr, scale = sampler.batch()
+        lr, hr = lr.to(ctx.device), hr.to(ctx.device)
+        _, prior = _prior(ae, network, lr, hr.shape[-2:], scale)
+        with torch.no_grad():
+            target = ae.encode(hr)
+        return F.l1_loss(ae.decode(prior).float(), hr) + LATENT_WEIGHT * F.l1_loss(prior.float(), target.float())
+
+    def evaluate():
+        return evaluate_by_scale(ctx, lambda lr, s, size: ae.decode(_prior(ae, network, lr, size, s)[1]), "val_psnr")
+
+    history = _loop("operator", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
+    final = {k: v for k, v in history[-1].items() if k.startswith("val_psnr")}
+    return TrialResult(network.cpu().eval(), history[-1]["val_score"], final, history)
+
+
+def train_diffusion(params: StageParams, hp: dict, ctx: Context, report: Report, seed: int) -> TrialResult:
+    ae, op = _frozen(ctx.autoencoder, ctx.device), _frozen(ctx.operator, ctx.device)
+    extras = ctx.extras or DiffusionExtras()
+    scheduler = DDIMScheduler(DDIMConfig(extras.num_train_timesteps, extras.prediction_type))
+    config = model_config(UNetConfig, params, hp, latent_channels=ae.config.latent_channels)
+    network = DiffusionUNet(config).to(ctx.device)
+    sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
+                          scale_range=ctx.scale_range, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = HNDSR(ae, op, network, scheduler, min_scale=ctx.scale_range[0], max_scale=ctx.scale_range[1],
+                  defaults=PROBE)
+
+    def loss_fn():
+        lr, hr, scale = sampler.batch()
+        lr, hr = lr.to(ctx.device), hr.to(ctx.device)
+        with torch.no_grad():
+            _, prior = _prior(ae, op, lr, hr.shape[-2:], scale)
+            residual = ae.encode(hr) - prior  # (B, latent, H/2, W/2): what the prior is missing
+        timesteps = torch.randint(0, extras.num_train_timesteps, (hr.shape[0],), generator=generator)
+        noise = torch.randn(residual.shape, generator=generator).to(ctx.device)
+        noisy = scheduler.add_noise(residual, noise, timesteps.to(ctx.device))
+        target = residual if extras.prediction_type == "sample" else noise
+        scales = torch.full((hr.shape[0],), scale, device=ctx.device)
+        return F.mse_loss(network(noisy, timesteps.to(ctx.device), prior, scales).float(), target)
+
+    def evaluate():
+        return evaluate_by_scale(ctx, lambda lr, s, size: model.super_resolve(lr, s, size=size, seed=0), "val_psnr")
+
+    history = _loop("diffusion", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
+    final = {k: v for k, v in history[-1].items() if k.startswith("val_psnr")}
+    return TrialResult(network.cpu().eval(), history[-1]["val_score"], final, history)
+
+
+@torch.no_grad()
+def choose_sampling(model: HNDSR, ctx: Context, extras: DiffusionExtras) -> tuple[SamplingDefaults, list[dict]]:
+    """Pick the default (steps, temperature) on validation: the most detail (detail ratio closest to the HR's)
+    among settings that, at every scale, cost at most `max_psnr_cost` dB against steps = 0 and stay at least
+    `min_gain_over_bicubic` dB above bicubic. When none qualifies, the one with the smallest cost is taken
+    (diffusion stays on, and the stage's metrics show the shortfall).
+
+    Returns the choice and the table of every candidate (for the stage's metrics and MLflow).
+    """
+    model = model.to(ctx.device).eval()
+    baseline, bicubic = {}, {}
+    for scale, pairs in ctx.val.items():
+        lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
+        baseline[scale] = psnr(model.super_resolve(lr, scale, steps=0, size=hr.shape[-2:]), hr).mean().item()
+        bicubic[scale] = psnr(bicubic_upsample(lr, hr.shape[-2:]), hr).mean().item()
+    table = []
+    for steps in extras.steps_choices:
+        for temperature in extras.temperature_choices:
+            cost, gain, detail = 0.0, float("inf"), []
+            for scale, pairs in ctx.val.items():
+                lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
+                out = model.super_resolve(lr, scale, steps=steps, temperature=temperature, eta=extras.eta,
+                                          seed=0, size=hr.shape[-2:])
+                value = psnr(out, hr).mean().item()
+                cost, gain = max(cost, baseline[scale] - value), min(gain, value - bicubic[scale])
+                detail.append(detail_ratio(out, hr).mean().item())
+            row = {"steps": steps, "temperature": temperature, "max_psnr_cost": cost,
+                   "min_gain_over_bicubic": gain, "detail_ratio": sum(detail) / len(detail)}
+            row["eligible"] = cost <= extras.max_psnr_cost and gain >= extras.min_gain_over_bicubic
+            table.append(row)
+            log.info("sampling candidate %s", row)
+    eligible = [r for r in table if r["eligible"]]
+    if not eligible:
+        log.warning("no sampling setting costs <= %.2f dB and keeps %.2f dB over bicubic at every scale; "
+                    "taking the cheapest one", extras.max_psnr_cost, extras.min_gain_over_bicubic)
+        eligible = [min(table, key=lambda r: r["max_psnr_cost"])]
+    best = min(eligible, key=lambda r: (abs(1 - r["detail_ratio"]), r["steps"]))
+    return SamplingDefaults(steps=best["steps"], eta=extras.eta, temperature=best["temperature"]), table
+
+
+TRAINERS = {"autoencoder": train_autoencoder, "operator": train_operator, "diffusion": train_diffusion}
