@@ -42,6 +42,18 @@ def output_size(lr: torch.Tensor, scale: float) -> tuple[int, int]:
     return hr_size(lr.shape[-2], scale), hr_size(lr.shape[-1], scale)
 
 
+def latent_prior(autoencoder: Autoencoder, operator: NeuralOperator, lr: torch.Tensor, scale: float,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """The operator's structural prior on the padded output grid: encode(bicubic) + operator correction.
+
+    lr: (B, 3, h, w) in [0, 1]; size: output (H, W). Returns (B, latent, ceil4(H)/2, ceil4(W)/2).
+    Used by the composed model and by training (with gradients), so both compute the same thing.
+    """
+    upsampled = _pad(bicubic_upsample(lr, size))
+    scales = torch.full((lr.shape[0],), scale, device=lr.device)
+    return autoencoder.encode(upsampled) + operator(upsampled, scales)
+
+
 class HNDSR(nn.Module):
     def __init__(self, autoencoder: Autoencoder, operator: NeuralOperator, unet: DiffusionUNet | None,
                  scheduler: DDIMScheduler, *, min_scale: float, max_scale: float,
@@ -62,9 +74,7 @@ class HNDSR(nn.Module):
 
     def prior(self, lr: torch.Tensor, scale: float, size: tuple[int, int]) -> torch.Tensor:
         """Latent prior on the padded output grid: (B, latent, ceil4(H)/2, ceil4(W)/2)."""
-        upsampled = _pad(bicubic_upsample(lr, size))
-        scales = torch.full((lr.shape[0],), scale, device=lr.device)
-        return self.autoencoder.encode(upsampled) + self.operator(upsampled, scales)
+        return latent_prior(self.autoencoder, self.operator, lr, scale, size)
 
     def sample_residual(self, prior: torch.Tensor, scale: float, *, steps: int, eta: float, temperature: float,
                         seed: int | None) -> torch.Tensor:

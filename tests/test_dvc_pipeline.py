@@ -16,6 +16,7 @@ PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr
 
 def _run(args, cwd):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's own default: mlflow.db in the project
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -120,6 +121,7 @@ def test_full_pipeline_tiny(project):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("hndsr")
+    assert experiment.artifact_location == (project / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     parents = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert set(parents) == {"autoencoder", "operator", "diffusion", "evaluate"}
@@ -136,6 +138,7 @@ def test_full_pipeline_tiny(project):
     assert "test_psnr_x4" in parents["evaluate"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parents["operator"].info.run_id)}
     assert "optuna_history.png" in artifacts
+    assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
 
     again = _run(["dvc", "repro"], project)
     assert again.returncode == 0 and "Data and pipelines are up to date." in again.stdout

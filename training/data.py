@@ -114,7 +114,6 @@ class CropSampler:
         self.crop, self.batch_size = crop, batch_size
         self.scale_range = scale_range
         self.rng = random.Random(seed)
-        self.generator = torch.Generator().manual_seed(seed)
 
     def hr_batch(self) -> torch.Tensor:
         """(B, 3, crop, crop) float HR crops, randomly flipped and rotated."""

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, weights_hash
@@ -76,9 +75,8 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
         "dataset_hash": dataset_hash(common.data_dir),
         "models": {stage: weights_hash(Path(common.models_dir) / stage) for stage in STAGES},
     }
-    grid = Image.fromarray(np.concatenate(grid_rows, axis=0))
     grid_path = Path(report_dir) / "eval_grid.png"
-    atomic_write_bytes(grid_path, encode_png(np.asarray(grid)))
+    atomic_write_bytes(grid_path, encode_png(np.concatenate(grid_rows, axis=0)))
     atomic_write_bytes(Path(common.metrics_dir) / "eval.json", json.dumps(report, indent=2, sort_keys=True).encode() + b"\n")
     tags = {"dataset_hash": report["dataset_hash"], "params_hash": params_hash(common, eparams),
             **{f"{stage}_weights": digest for stage, digest in report["models"].items()}}

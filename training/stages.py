@@ -42,9 +42,13 @@ def _load_upstream(stage: str, models_dir: Path) -> dict:
     return networks
 
 
+TIMING_KEYS = {"samples_per_s"}  # vary run to run: MLflow has them, the DVC-tracked curve must not
+
+
 def _curve_csv(history: list[dict]) -> bytes:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    fields = [k for k in history[0] if k not in TIMING_KEYS]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})

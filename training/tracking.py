@@ -38,13 +38,12 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _experiment_id(mlflow, name: str) -> str:
+def _experiment_id(mlflow, name: str, *, local_default: bool) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # the local default keeps artifacts beside mlflow.db
-        artifact_location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+    # The local default keeps artifacts beside mlflow.db; a tracking server decides for itself.
+    artifact_location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local_default else None
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
@@ -53,8 +52,9 @@ def stage_run(stage: str, *, experiment: str, tags: dict[str, str], params: dict
     """Open the run of one stage execution; yields its run id. The run ends FAILED if the block raises."""
     import mlflow
 
+    local_default = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
     mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = _experiment_id(mlflow, experiment)
+    experiment_id = _experiment_id(mlflow, experiment, local_default=local_default)
     mlflow.set_experiment(experiment_id=experiment_id)  # nested trial runs go to the active experiment
     all_tags = {"stage": stage, "git_commit": git_commit(), **tags}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hndsr.metrics import detail_ratio, psnr
-from hndsr.model import HNDSR, SamplingDefaults, bicubic_upsample
+from hndsr.model import HNDSR, SamplingDefaults, bicubic_upsample, latent_prior
 from hndsr.networks import (
     Autoencoder,
     AutoencoderConfig,
@@ -89,12 +90,16 @@ def _frozen(network: nn.Module | None, device: torch.device) -> nn.Module:
 
 def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Context, sampler: CropSampler,
           loss_fn: Callable[[], torch.Tensor], evaluate: Callable[[], dict[str, float]], report: Report):
-    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting."""
+    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting.
+
+    Each evaluation also reports the training throughput since the previous one (`samples_per_s`,
+    optimisation steps only, evaluation excluded)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=hp.get("lr", params.lr))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.iterations)
-    history, running = [], []
+    history, running, train_seconds = [], [], 0.0
     bar = tqdm(range(1, params.iterations + 1), desc=name, unit="it", leave=False, disable=None)
     for step in bar:
+        started = time.perf_counter()
         network.train()
         with _autocast(ctx):
             loss = loss_fn()
@@ -102,12 +107,14 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
         loss.backward()
         optimizer.step()
         schedule.step()
-        running.append(loss.item())
+        running.append(loss.item())  # .item() synchronises, so the timing covers the GPU work too
+        train_seconds += time.perf_counter() - started
         if step % params.eval_every == 0 or step == params.iterations:
             network.eval()
             with torch.no_grad():
-                metrics = {"train_loss": sum(running) / len(running), **evaluate()}
-            running = []
+                metrics = {"train_loss": sum(running) / len(running),
+                           "samples_per_s": len(running) * params.batch_size / train_seconds, **evaluate()}
+            running, train_seconds = [], 0.0
             history.append({"step": step, **metrics})
             bar.set_postfix(val=f"{metrics['val_score']:.3f}")
             report(step, metrics)
@@ -117,7 +124,8 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
 def train_autoencoder(params: StageParams, hp: dict, ctx: Context, report: Report, seed: int) -> TrialResult:
     config = model_config(AutoencoderConfig, params, hp)
     network = Autoencoder(config)
-    network.fit_linear(to_float(ctx.train_tiles[:256]))
+    every = max(1, len(ctx.train_tiles) // 256)  # up to 256 tiles spread over the split, not its first rows
+    network.fit_linear(to_float(ctx.train_tiles[::every]))
     network = network.to(ctx.device)
     sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
                           scale_range=ctx.scale_range, seed=seed)
@@ -135,12 +143,6 @@ def train_autoencoder(params: StageParams, hp: dict, ctx: Context, report: Repor
     final = history[-1]
     return TrialResult(network.cpu().eval(), final["val_score"], {"val_recon_psnr": final["val_recon_psnr"]},
                        history)
-
-
-def _prior(ae: Autoencoder, op: NeuralOperator, lr: torch.Tensor, size, scale: float) -> tuple:
-    upsampled = bicubic_upsample(lr, size)
-    scales = torch.full((lr.shape[0],), scale, device=lr.device)
-    return upsampled, ae.encode(upsampled) + op(upsampled, scales)
 
 
 def evaluate_by_scale(ctx: Context, fn: Callable[[torch.Tensor, float, tuple], torch.Tensor],
@@ -166,13 +168,13 @@ def train_operator(params: StageParams, hp: dict, ctx: Context, report: Report, 
     def loss_fn():
         lr, hr, scale = sampler.batch()
         lr, hr = lr.to(ctx.device), hr.to(ctx.device)
-        _, prior = _prior(ae, network, lr, hr.shape[-2:], scale)
+        prior = latent_prior(ae, network, lr, scale, hr.shape[-2:])
         with torch.no_grad():
             target = ae.encode(hr)
         return F.l1_loss(ae.decode(prior).float(), hr) + LATENT_WEIGHT * F.l1_loss(prior.float(), target.float())
 
     def evaluate():
-        return evaluate_by_scale(ctx, lambda lr, s, size: ae.decode(_prior(ae, network, lr, size, s)[1]), "val_psnr")
+        return evaluate_by_scale(ctx, lambda lr, s, size: ae.decode(latent_prior(ae, network, lr, s, size)), "val_psnr")
 
     history = _loop("operator", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
     final = {k: v for k, v in history[-1].items() if k.startswith("val_psnr")}
@@ -195,7 +197,7 @@ def train_diffusion(params: StageParams, hp: dict, ctx: Context, report: Report,
         lr, hr, scale = sampler.batch()
         lr, hr = lr.to(ctx.device), hr.to(ctx.device)
         with torch.no_grad():
-            _, prior = _prior(ae, op, lr, hr.shape[-2:], scale)
+            prior = latent_prior(ae, op, lr, scale, hr.shape[-2:])
             residual = ae.encode(hr) - prior  # (B, latent, H/2, W/2): what the prior is missing
         timesteps = torch.randint(0, extras.num_train_timesteps, (hr.shape[0],), generator=generator)
         noise = torch.randn(residual.shape, generator=generator).to(ctx.device)
