@@ -3,7 +3,7 @@
     upsampled = bicubic(lr -> output size)                       # (B, 3, H, W)
     prior     = encode(upsampled) + operator(upsampled, scale)    # (B, latent, H/2, W/2)
     residual  = DDIM sample of the UNet, conditioned on prior     # steps = 0: residual = 0
-    hr        = decode(prior + residual)                          # (B, 3, H, W)
+    hr        = decode(prior + strength * residual)               # (B, 3, H, W)
 
 The output size follows `hndsr.degradation.hr_size`: round_half_up(lr_size * scale) per axis. Internally
 the grid is padded (replicate) to a multiple of 4 (latent factor 2 x one UNet downsampling) and cropped back.
@@ -31,6 +31,7 @@ class SamplingDefaults:
     steps: int = 8
     eta: float = 0.0
     temperature: float = 1.0  # standard deviation of the starting noise; < 1 trades detail for fidelity
+    strength: float = 1.0  # share of the sampled residual added to the prior; 0 = the prior alone
 
 
 def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -93,7 +94,7 @@ class HNDSR(nn.Module):
 
     @torch.no_grad()
     def super_resolve(self, lr: torch.Tensor, scale: float, *, steps: int | None = None, seed: int | None = None,
-                      eta: float | None = None, temperature: float | None = None,
+                      eta: float | None = None, temperature: float | None = None, strength: float | None = None,
                       size: tuple[int, int] | None = None) -> torch.Tensor:
         """HR image for `lr` (B, 3, h, w) in [0, 1] at `scale`; `steps = 0` decodes the prior directly.
 
@@ -106,10 +107,11 @@ class HNDSR(nn.Module):
         height, width = size or output_size(lr, scale)
         latent = self.prior(lr, scale, (height, width))
         if steps > 0:
-            latent = latent + self.sample_residual(
+            residual = self.sample_residual(
                 latent, scale, steps=steps, seed=seed,
                 eta=self.defaults.eta if eta is None else eta,
                 temperature=self.defaults.temperature if temperature is None else temperature)
+            latent = latent + (self.defaults.strength if strength is None else strength) * residual
         return self.autoencoder.decode(latent)[..., :height, :width].clamp(0.0, 1.0)
 
 

@@ -202,6 +202,9 @@ class DiffusionUNet(nn.Module):
         self.up_block = ResBlock(c, e)
         self.merge = nn.Conv2d(2 * c, c, 1)
         self.out = nn.Conv2d(c, config.latent_channels, 3, padding=1)
+        # Starts by predicting a zero residual, so an untrained UNet leaves the prior as it is.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, prior: torch.Tensor,
                 scale: torch.Tensor) -> torch.Tensor:

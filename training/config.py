@@ -94,6 +94,7 @@ class DiffusionExtras:
 
     steps_choices: list[int] = field(default_factory=lambda: [4, 8])
     temperature_choices: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+    strength_choices: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
     eta: float = 0.0
     max_psnr_cost: float = 0.4  # dB below steps = 0 allowed at any validation scale
     min_gain_over_bicubic: float = 0.1  # dB above bicubic required at every validation scale

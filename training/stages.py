@@ -91,9 +91,10 @@ def run_stage(stage: str, params_path: str) -> dict:
                           min_scale=scale_range[0], max_scale=scale_range[1])
             sampling, table = choose_sampling(model, ctx, extras)
             extra.update(sampling=asdict(sampling), scheduler=asdict(model.scheduler.config), sampling_table=table)
-            metrics.update(default_steps=sampling.steps, default_temperature=sampling.temperature)
-            chosen = next(r for r in table if r["steps"] == sampling.steps
-                          and r["temperature"] == sampling.temperature)
+            metrics.update(default_steps=sampling.steps, default_temperature=sampling.temperature,
+                           default_strength=sampling.strength)
+            chosen = next(r for r in table if (r["steps"], r["temperature"], r["strength"])
+                          == (sampling.steps, sampling.temperature, sampling.strength))
             metrics.update(val_psnr_cost=chosen["max_psnr_cost"], val_detail_ratio=chosen["detail_ratio"])
         tracking.log_metrics({f"best_{k}": v for k, v in metrics.items()})
         tracking.log_params({f"best.{k}": v for k, v in study.best_params.items()})

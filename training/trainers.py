@@ -216,42 +216,51 @@ def train_diffusion(params: StageParams, hp: dict, ctx: Context, report: Report,
 
 @torch.no_grad()
 def choose_sampling(model: HNDSR, ctx: Context, extras: DiffusionExtras) -> tuple[SamplingDefaults, list[dict]]:
-    """Pick the default (steps, temperature) on validation: the most detail (detail ratio closest to the HR's)
-    among settings that, at every scale, cost at most `max_psnr_cost` dB against steps = 0 and stay at least
-    `min_gain_over_bicubic` dB above bicubic. When none qualifies, the one with the smallest cost is taken
-    (diffusion stays on, and the stage's metrics show the shortfall).
+    """Pick the default (steps, temperature, strength) on validation: the most detail (detail ratio closest to
+    the HR's) among settings that, at every scale, cost at most `max_psnr_cost` dB against steps = 0 and stay
+    at least `min_gain_over_bicubic` dB above bicubic. Strength scales the sampled residual, so a small one
+    always keeps the cost small; if even the smallest fails, the cheapest setting is taken and the stage's
+    metrics show the shortfall.
 
-    Returns the choice and the table of every candidate (for the stage's metrics and MLflow).
+    Returns the choice and the table of every candidate (for the checkpoint, the stage's metrics and MLflow).
     """
     model = model.to(ctx.device).eval()
-    baseline, bicubic = {}, {}
+    val = []  # per scale: (scale, hr, prior latent, steps-0 PSNR, bicubic PSNR)
     for scale, pairs in ctx.val.items():
         lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
-        baseline[scale] = psnr(model.super_resolve(lr, scale, steps=0, size=hr.shape[-2:]), hr).mean().item()
-        bicubic[scale] = psnr(bicubic_upsample(lr, hr.shape[-2:]), hr).mean().item()
+        size = hr.shape[-2:]
+        prior = model.prior(lr, scale, size)
+        base = psnr(model.autoencoder.decode(prior)[..., : size[0], : size[1]].clamp(0, 1), hr).mean().item()
+        val.append((scale, hr, prior, base, psnr(bicubic_upsample(lr, size), hr).mean().item()))
     table = []
     for steps in extras.steps_choices:
         for temperature in extras.temperature_choices:
-            cost, gain, detail = 0.0, float("inf"), []
-            for scale, pairs in ctx.val.items():
-                lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
-                out = model.super_resolve(lr, scale, steps=steps, temperature=temperature, eta=extras.eta,
-                                          seed=0, size=hr.shape[-2:])
-                value = psnr(out, hr).mean().item()
-                cost, gain = max(cost, baseline[scale] - value), min(gain, value - bicubic[scale])
-                detail.append(detail_ratio(out, hr).mean().item())
-            row = {"steps": steps, "temperature": temperature, "max_psnr_cost": cost,
-                   "min_gain_over_bicubic": gain, "detail_ratio": sum(detail) / len(detail)}
-            row["eligible"] = cost <= extras.max_psnr_cost and gain >= extras.min_gain_over_bicubic
-            table.append(row)
-            log.info("sampling candidate %s", row)
+            rows = {s: {"cost": 0.0, "gain": float("inf"), "detail": []} for s in extras.strength_choices}
+            for scale, hr, prior, base, bicubic in val:
+                residual = model.sample_residual(prior, scale, steps=steps, eta=extras.eta,
+                                                 temperature=temperature, seed=0)
+                for strength, acc in rows.items():
+                    out = model.autoencoder.decode(prior + strength * residual)
+                    out = out[..., : hr.shape[-2], : hr.shape[-1]].clamp(0, 1)
+                    value = psnr(out, hr).mean().item()
+                    acc["cost"], acc["gain"] = max(acc["cost"], base - value), min(acc["gain"], value - bicubic)
+                    acc["detail"].append(detail_ratio(out, hr).mean().item())
+            for strength, acc in rows.items():
+                row = {"steps": steps, "temperature": temperature, "strength": strength,
+                       "max_psnr_cost": acc["cost"], "min_gain_over_bicubic": acc["gain"],
+                       "detail_ratio": sum(acc["detail"]) / len(acc["detail"])}
+                row["eligible"] = (row["max_psnr_cost"] <= extras.max_psnr_cost
+                                   and row["min_gain_over_bicubic"] >= extras.min_gain_over_bicubic)
+                table.append(row)
+                log.info("sampling candidate %s", row)
     eligible = [r for r in table if r["eligible"]]
     if not eligible:
         log.warning("no sampling setting costs <= %.2f dB and keeps %.2f dB over bicubic at every scale; "
                     "taking the cheapest one", extras.max_psnr_cost, extras.min_gain_over_bicubic)
         eligible = [min(table, key=lambda r: r["max_psnr_cost"])]
     best = min(eligible, key=lambda r: (abs(1 - r["detail_ratio"]), r["steps"]))
-    return SamplingDefaults(steps=best["steps"], eta=extras.eta, temperature=best["temperature"]), table
+    return SamplingDefaults(steps=best["steps"], eta=extras.eta, temperature=best["temperature"],
+                            strength=best["strength"]), table
 
 
 TRAINERS = {"autoencoder": train_autoencoder, "operator": train_operator, "diffusion": train_diffusion}

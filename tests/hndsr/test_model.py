@@ -25,6 +25,7 @@ def _model(seed=0) -> HNDSR:
     op = NeuralOperator(OperatorConfig(latent_channels=4, width=8, modes=4, layers=2))
     torch.nn.init.normal_(op.project[-1].weight, std=0.01)  # not the zero start, so the operator matters
     unet = DiffusionUNet(UNetConfig(latent_channels=4, width=8, emb_dim=16))
+    torch.nn.init.normal_(unet.out.weight, std=0.1)  # not the zero start, so sampling matters
     return HNDSR(ae, op, unet, DDIMScheduler(), min_scale=2, max_scale=4,
                  defaults=SamplingDefaults(steps=2, temperature=0.5)).eval()
 
@@ -114,3 +115,15 @@ def test_stale_or_missing_upstream_is_refused(tmp_path):
         load_model(models, with_diffusion=False)
     with pytest.raises(CheckpointError, match="expected 'operator'"):
         load_network(models / "autoencoder", "operator")
+
+
+def test_untrained_unet_and_zero_strength_leave_the_prior():
+    model, lr = _model(), torch.rand(1, 3, 12, 12)
+    prior_only = model.super_resolve(lr, 3.0, steps=0)
+    assert torch.equal(model.super_resolve(lr, 3.0, steps=2, strength=0.0, seed=1), prior_only)
+    half = model.super_resolve(lr, 3.0, steps=2, strength=0.5, seed=1)
+    full = model.super_resolve(lr, 3.0, steps=2, strength=1.0, seed=1)
+    assert 0 < (half - prior_only).abs().mean() < (full - prior_only).abs().mean()
+    fresh = DiffusionUNet(UNetConfig(latent_channels=4, width=8, emb_dim=16))  # output layer starts at zero
+    model.unet = fresh
+    assert torch.allclose(model.super_resolve(lr, 3.0, steps=2, seed=1), prior_only, atol=1e-6)
