@@ -9,7 +9,8 @@ Writes `metrics/eval.json`:
 
 `detail_ratio` is the output's high-frequency energy over the HR's (hndsr.metrics): 1 is the HR's texture,
 below 1 smoother. The same figures go to an MLflow run (`test_psnr_x4`, ...) with a sample grid image
-(LR | bicubic | prior | HNDSR | HR), also written to `reports/eval_grid.png`.
+(LR | bicubic | prior | HNDSR | HR) for the test tiles with the most detail, also written to
+`reports/eval_grid.png`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, weights_hash
 from hndsr.images import encode_png, to_uint8
-from hndsr.metrics import detail_ratio, psnr, ssim
+from hndsr.metrics import detail_ratio, high_frequency_energy, psnr, ssim
 from hndsr.model import bicubic_upsample
 from training import tracking
 from training.config import load_common, load_evaluate, params_hash
@@ -62,8 +63,7 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
             for prefix, output in outputs.items():
                 for name, values in _scores(output.float(), hr).items():
                     sums.setdefault(prefix + name, []).append(values.cpu())
-            if i == 0:
-                grid_rows.append(_grid_row(lr, outputs, hr, eparams.grid_tiles))
+        grid_rows.append(_grid_rows(model, pairs, scale, steps, eparams, device))
         results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}
         results[f"{scale:g}"]["tiles"] = len(pairs.tile_ids)
         log.info("scale %g: %s", scale, results[f"{scale:g}"])
@@ -92,13 +92,17 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
     return report
 
 
-def _grid_row(lr, outputs, hr, tiles: int) -> np.ndarray:
-    """One row per tile: LR (nearest, HR size) | bicubic | prior | HNDSR | HR, as an (H, W, 3) uint8 array."""
-    n = min(tiles, hr.shape[0])
+def _grid_rows(model, pairs, scale, steps, eparams, device) -> np.ndarray:
+    """Sample grid rows for the `grid_tiles` test tiles with the most HR detail (where super-resolution
+    matters; the flattest tiles would all look alike): LR (nearest) | bicubic | prior | HNDSR | HR."""
+    hr = to_float(pairs.hr).to(device)
+    chosen = high_frequency_energy(hr).argsort(descending=True)[: eparams.grid_tiles].sort().values
+    lr, hr = to_float(pairs.lr).to(device)[chosen], hr[chosen]
     size = hr.shape[-2:]
-    nearest = torch.nn.functional.interpolate(lr[:n], size=size, mode="nearest")
-    columns = [nearest, outputs["bicubic_"][:n], outputs["prior_"][:n], outputs[""][:n], hr[:n]]
-    rows = [np.concatenate([to_uint8(c[i : i + 1])[0] for c in columns], axis=1) for i in range(n)]
+    columns = [torch.nn.functional.interpolate(lr, size=size, mode="nearest"), bicubic_upsample(lr, size),
+               model.super_resolve(lr, scale, steps=0, size=size),
+               model.super_resolve(lr, scale, steps=steps, seed=eparams.seed, size=size), hr]
+    rows = [np.concatenate([to_uint8(c[i : i + 1])[0] for c in columns], axis=1) for i in range(len(chosen))]
     return np.concatenate(rows, axis=0)
 
 
