@@ -96,11 +96,3 @@ def dataset_hash(split_hashes: dict[str, str]) -> str:
     text = "".join(f"{name}:{split_hashes[name]}\n" for name in sorted(split_hashes))
     return hashlib.sha256(text.encode()).hexdigest()
 
-
-def read_split(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a split file, checking it has the expected schema."""
-    table = pq.read_table(path, columns=columns)
-    expected = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
-    if not table.schema.equals(expected, check_metadata=False):
-        raise ValueError(f"{path} does not have the HNDSR split schema; re-run `hndsr etl`")
-    return table
