@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "etl": ("pipeline.etl", "cut source imagery into HR/LR tiles and write the Parquet splits + manifest"),
     "train": ("training.stages", "train one stage (autoencoder, operator, diffusion) with an Optuna sweep"),
     "evaluate": ("training.evaluate", "score HNDSR, its prior and bicubic on the test split at every scale"),
+    "registry": ("registry.cli", "register the model, gate and promote it (alias production), status, rollback"),
 }
 
 # Errors a user can fix: printed as one line, exit status 1 (2 for bad params or arguments).
@@ -28,6 +29,8 @@ _USER_ERRORS = {
     "training.data.DataError": 1,
     "training.study.TrainingError": 1,
     "hndsr.checkpoint.CheckpointError": 1,
+    "registry.store.RegistryError": 1,
+    "mlflow.exceptions.MlflowException": 1,
 }
 
 

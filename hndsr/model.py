@@ -11,6 +11,7 @@ the grid is padded (replicate) to a multiple of 4 (latent factor 2 x one UNet do
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,27 +79,39 @@ class HNDSR(nn.Module):
         return latent_prior(self.autoencoder, self.operator, lr, scale, size)
 
     def sample_residual(self, prior: torch.Tensor, scale: float, *, steps: int, eta: float, temperature: float,
-                        seed: int | None) -> torch.Tensor:
-        """DDIM sampling of the latent residual, conditioned on `prior`; same seed, same result."""
+                        seed: int | Sequence[int] | None,
+                        callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """DDIM sampling of the latent residual, conditioned on `prior`; same seed, same result.
+
+        `seed`: one int for the whole batch, or one per batch element; per-element seeds make each element's
+        result independent of what else is in the batch (serving batches tiles of different requests).
+        `callback(done, steps)` runs after every DDIM step (serving checks request deadlines there).
+        """
         if self.unet is None:
             raise ValueError("this model has no diffusion UNet; use steps = 0")
-        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        noise = torch.randn(prior.shape, generator=generator, dtype=prior.dtype).to(prior.device)
-        sample = temperature * noise
+        draw = _noise_source(prior.shape, seed, prior.dtype)
+        sample = temperature * draw().to(prior.device)
         scales = torch.full((prior.shape[0],), scale, device=prior.device)
-        for t in self.scheduler.set_timesteps(steps).tolist():
+        timesteps_list = self.scheduler.set_timesteps(steps).tolist()
+        for done, t in enumerate(timesteps_list, start=1):
             timesteps = torch.full((prior.shape[0],), t, device=prior.device, dtype=torch.long)
             out = self.unet(sample, timesteps, prior, scales)
-            sample = self.scheduler.step(out, t, sample, eta=eta, generator=generator)
+            sample = self.scheduler.step(out, t, sample, eta=eta, noise=draw() if eta > 0 else None)
+            if callback is not None:
+                callback(done, len(timesteps_list))
         return sample
 
     @torch.no_grad()
-    def super_resolve(self, lr: torch.Tensor, scale: float, *, steps: int | None = None, seed: int | None = None,
-                      eta: float | None = None, temperature: float | None = None, strength: float | None = None,
-                      size: tuple[int, int] | None = None) -> torch.Tensor:
+    def super_resolve(self, lr: torch.Tensor, scale: float, *, steps: int | None = None,
+                      seed: int | Sequence[int] | None = None, eta: float | None = None,
+                      temperature: float | None = None, strength: float | None = None,
+                      size: tuple[int, int] | None = None, clamp: bool = True,
+                      callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """HR image for `lr` (B, 3, h, w) in [0, 1] at `scale`; `steps = 0` decodes the prior directly.
 
-        Returns (B, 3, H, W) in [0, 1], with (H, W) = `size` or the size rule for `scale`.
+        Returns (B, 3, H, W), with (H, W) = `size` or the size rule for `scale`, clamped to [0, 1] unless
+        `clamp` is False (the promotion gate checks the raw decoder output). `seed` and `callback`: see
+        `sample_residual`.
         """
         scale = self.check_scale(scale)
         steps = self.defaults.steps if steps is None else int(steps)
@@ -108,11 +121,25 @@ class HNDSR(nn.Module):
         latent = self.prior(lr, scale, (height, width))
         if steps > 0:
             residual = self.sample_residual(
-                latent, scale, steps=steps, seed=seed,
+                latent, scale, steps=steps, seed=seed, callback=callback,
                 eta=self.defaults.eta if eta is None else eta,
                 temperature=self.defaults.temperature if temperature is None else temperature)
             latent = latent + (self.defaults.strength if strength is None else strength) * residual
-        return self.autoencoder.decode(latent)[..., :height, :width].clamp(0.0, 1.0)
+        output = self.autoencoder.decode(latent)[..., :height, :width]
+        return output.clamp(0.0, 1.0) if clamp else output
+
+
+def _noise_source(shape: torch.Size, seed: int | Sequence[int] | None, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A function drawing standard normal noise of `shape` on the CPU: one generator for the batch (int or
+    None seed, None = 0) or one per batch element (a sequence of seeds), so results do not depend on the device."""
+    if seed is None or isinstance(seed, int):
+        generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        return lambda: torch.randn(shape, generator=generator, dtype=dtype)
+    seeds = [int(s) for s in seed]
+    if len(seeds) != shape[0]:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return lambda: torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generators])
 
 
 def _pad(x: torch.Tensor) -> torch.Tensor:

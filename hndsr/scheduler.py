@@ -83,8 +83,11 @@ class DDIMScheduler:
         return (sample - math.sqrt(1 - alpha_bar) * model_output) / math.sqrt(alpha_bar)
 
     def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, *, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """One DDIM update from x_t to x_prev (eq. 12 of the DDIM paper); deterministic when eta = 0."""
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One DDIM update from x_t to x_prev (eq. 12 of the DDIM paper); deterministic when eta = 0.
+
+        With eta > 0 the added noise is `noise` when given (shape of `sample`), else drawn from `generator`.
+        """
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if eta > 1:
@@ -99,6 +102,7 @@ class DDIMScheduler:
         direction = math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
         prev_sample = math.sqrt(alpha_bar_prev) * x0 + direction
         if sigma > 0:
-            noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device="cpu").to(sample.device)
-            prev_sample = prev_sample + sigma * noise
+            if noise is None:
+                noise = torch.randn(sample.shape, generator=generator, dtype=sample.dtype, device="cpu")
+            prev_sample = prev_sample + sigma * noise.to(device=sample.device, dtype=sample.dtype)
         return prev_sample

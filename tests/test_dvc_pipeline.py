@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline", "training"]
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline", "training",
+                  "registry"]
 
 
 def _run(args, cwd):
@@ -124,7 +125,7 @@ def test_full_pipeline_tiny(project):
     assert experiment.artifact_location == (project / "mlartifacts").as_uri()
     runs = client.search_runs([experiment.experiment_id], max_results=200)
     parents = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert set(parents) == {"autoencoder", "operator", "diffusion", "evaluate"}
+    assert set(parents) == {"autoencoder", "operator", "diffusion", "evaluate", "register", "promote"}
     dataset = json.loads((project / "data" / "processed" / "manifest.json").read_text())["dataset_hash"]
     for stage in ("autoencoder", "operator", "diffusion"):
         parent = parents[stage]
@@ -139,6 +140,14 @@ def test_full_pipeline_tiny(project):
     artifacts = {a.path for a in client.list_artifacts(parents["operator"].info.run_id)}
     assert "optuna_history.png" in artifacts
     assert (project / "mlartifacts").is_dir() and not (project / "mlruns").exists()
+
+    # The promote stage registered the tiny model and the gate rejected it (12 training iterations do not beat
+    # bicubic by the default margin); `dvc repro` still completed and recorded the decision.
+    decision = json.loads((project / "reports" / "promotion.json").read_text())
+    assert decision["version"] == "1" and decision["decision"] == "rejected", decision
+    assert any(reason.startswith("beats_bicubic") for reason in decision["reasons"])
+    assert client.get_model_version("hndsr", "1").tags["gate.decision"] == "rejected"
+    assert not client.get_registered_model("hndsr").aliases
 
     again = _run(["dvc", "repro"], project)
     assert again.returncode == 0 and "Data and pipelines are up to date." in again.stdout

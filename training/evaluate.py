@@ -41,6 +41,31 @@ def _scores(output: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"psnr": psnr(output, hr), "ssim": ssim(output, hr), "detail_ratio": detail_ratio(output, hr)}
 
 
+def score(model, test: dict, *, steps: int, seed: int, batch_size: int, device, baselines: bool = True) -> dict:
+    """Mean PSNR / SSIM / detail ratio of `model` on `test` ({scale: pairs}) per scale, as
+    {"<scale>": {"psnr", "ssim", "detail_ratio", "tiles", and with `baselines` the prior_* and bicubic_*}}.
+    The batch starting at tile i samples with seed `seed + i`; noise is drawn on the CPU, so the figures do
+    not depend on the device."""
+    results = {}
+    for scale, pairs in test.items():
+        sums: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(pairs.tile_ids), batch_size):
+            lr = to_float(pairs.lr[i : i + batch_size]).to(device)
+            hr = to_float(pairs.hr[i : i + batch_size]).to(device)
+            size = hr.shape[-2:]
+            outputs = {"": model.super_resolve(lr, scale, steps=steps, seed=seed + i, size=size)}
+            if baselines:
+                outputs["prior_"] = model.super_resolve(lr, scale, steps=0, size=size)
+                outputs["bicubic_"] = bicubic_upsample(lr, size)
+            for prefix, output in outputs.items():
+                for name, values in _scores(output.float(), hr).items():
+                    sums.setdefault(prefix + name, []).append(values.cpu())
+        results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}
+        results[f"{scale:g}"]["tiles"] = len(pairs.tile_ids)
+        log.info("scale %g: %s", scale, results[f"{scale:g}"])
+    return results
+
+
 def evaluate(params_path: str, report_dir: str = "reports") -> dict:
     start = time.perf_counter()
     common, eparams = load_common(params_path), load_evaluate(params_path)
@@ -48,25 +73,8 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
     model = load_model(common.models_dir).to(device)
     steps = model.defaults.steps if eparams.steps is None else eparams.steps
     test = load_pairs(common.data_dir, "test")
-    results, grid_rows = {}, []
-    for scale, pairs in test.items():
-        sums: dict[str, list[torch.Tensor]] = {}
-        for i in range(0, len(pairs.tile_ids), eparams.batch_size):
-            lr = to_float(pairs.lr[i : i + eparams.batch_size]).to(device)
-            hr = to_float(pairs.hr[i : i + eparams.batch_size]).to(device)
-            size = hr.shape[-2:]
-            outputs = {
-                "": model.super_resolve(lr, scale, steps=steps, seed=eparams.seed + i, size=size),
-                "prior_": model.super_resolve(lr, scale, steps=0, size=size),
-                "bicubic_": bicubic_upsample(lr, size),
-            }
-            for prefix, output in outputs.items():
-                for name, values in _scores(output.float(), hr).items():
-                    sums.setdefault(prefix + name, []).append(values.cpu())
-        grid_rows.append(_grid_rows(model, pairs, scale, steps, eparams, device))
-        results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}
-        results[f"{scale:g}"]["tiles"] = len(pairs.tile_ids)
-        log.info("scale %g: %s", scale, results[f"{scale:g}"])
+    results = score(model, test, steps=steps, seed=eparams.seed, batch_size=eparams.batch_size, device=device)
+    grid_rows = [_grid_rows(model, pairs, scale, steps, eparams, device) for scale, pairs in test.items()]
     report = {
         "scales": results,
         "steps": steps,

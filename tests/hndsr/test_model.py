@@ -127,3 +127,34 @@ def test_untrained_unet_and_zero_strength_leave_the_prior():
     fresh = DiffusionUNet(UNetConfig(latent_channels=4, width=8, emb_dim=16))  # output layer starts at zero
     model.unet = fresh
     assert torch.allclose(model.super_resolve(lr, 3.0, steps=2, seed=1), prior_only, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_per_element_seeds_make_results_independent_of_the_batch(eta):
+    model, images = _model(), torch.rand(3, 3, 12, 14)
+    alone = [model.super_resolve(images[i : i + 1], 3.0, steps=2, seed=[10 + i], eta=eta) for i in range(3)]
+    batched = model.super_resolve(images, 3.0, steps=2, seed=[10, 11, 12], eta=eta)
+    for i in range(3):
+        torch.testing.assert_close(batched[i : i + 1], alone[i], rtol=0, atol=1e-6)
+    # An int seed keeps its meaning: one generator for the batch, as before.
+    torch.testing.assert_close(model.super_resolve(images[:1], 3.0, steps=2, seed=[10], eta=eta),
+                               model.super_resolve(images[:1], 3.0, steps=2, seed=10, eta=eta), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        model.super_resolve(images, 3.0, steps=2, seed=[1, 2])
+
+
+def test_callback_after_every_step_can_stop_sampling_and_clamp_is_optional():
+    model, seen = _model(), []
+    model.super_resolve(torch.rand(1, 3, 8, 8), 2.0, steps=3, callback=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        raise Stop
+
+    with pytest.raises(Stop):
+        model.super_resolve(torch.rand(1, 3, 8, 8), 2.0, steps=3, callback=stop)
+    raw = model.super_resolve(torch.rand(1, 3, 8, 8) * 4 - 2, 2.0, steps=0, clamp=False)
+    assert raw.min() < 0 or raw.max() > 1  # out-of-range input: the raw decoder output is not clamped

@@ -1,0 +1,169 @@
+"""`hndsr registry`: register, gate and promote the pipeline's model; show the registry; roll back.
+
+    hndsr registry promote  [--report reports/promotion.json] [--allow-reject]
+    hndsr registry register
+    hndsr registry status   [--json]
+    hndsr registry rollback
+
+Exit status: 0 done (promote: promoted, or already the production version); 3 the gate rejected the candidate
+(0 with --allow-reject, which the `promote` DVC stage uses so `dvc repro` completes and records the decision);
+1 an error the message explains (tracking server unreachable, no registered model, no evaluation metrics);
+2 bad params or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+
+REJECTED = 3
+KEY_METRICS = ("psnr", "ssim")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = __doc__.split("\n\n", 1)[0] + (
+        "\n\nThe registry is the one at MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db in the current folder); "
+        "gate thresholds, model name and alias come from the `promote` section of the params file.")
+    parser.epilog = __doc__.split("\n\n", 2)[2]
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    promote = actions.add_parser("promote", parents=[common],
+                                 help="register the model in models/ and move the alias if it passes the gate")
+    promote.add_argument("--report", default="reports/promotion.json",
+                         help="where the decision and every check go (default: %(default)s)")
+    promote.add_argument("--summary", metavar="PATH",
+                         help="append the gate's table (Markdown) to PATH, e.g. $GITHUB_STEP_SUMMARY")
+    promote.add_argument("--allow-reject", action="store_true",
+                         help="exit 0 when the gate rejects the candidate (the decision is still recorded)")
+    actions.add_parser("register", parents=[common], help="register the model in models/ without gating it "
+                                                          "(tagged pending)")
+    status = actions.add_parser("status", parents=[common],
+                                help="every version with its aliases, key metrics and gate decision")
+    status.add_argument("--json", action="store_true", help="machine-readable: model, aliases, versions with tags")
+    actions.add_parser("rollback", parents=[common],
+                       help="move the alias back to the version the current one replaced")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "promote":
+        return _promote(args)
+    if args.action == "register":
+        return _register(args)
+    if args.action == "status":
+        return _status(args)
+    return _rollback(args)
+
+
+def _promote(args) -> int:
+    from registry.promote import promote
+
+    report = promote(args.params, args.report)
+    table = format_table(report)
+    print(table)
+    if args.summary:
+        with open(args.summary, "a", encoding="utf-8") as summary:
+            summary.write(table + "\n\n")
+    version, alias = report["version"], report["alias"]
+    if report["decision"] == "promoted":
+        replaced = f" (was v{report['replaced']})" if report["replaced"] else ""
+        print(f"promote: v{version} passed the gate; {alias} -> v{version}{replaced}")
+    elif report["decision"] == "unchanged":
+        print(f"promote: v{version} passed the gate and already holds {alias}")
+    else:
+        now = f"v{report['production_after']}" if report["production_after"] else "no version"
+        print(f"promote: v{version} REJECTED ({'; '.join(report['reasons'])}); {alias} stays on {now}")
+        return 0 if args.allow_reject else REJECTED
+    return 0
+
+
+def _register(args) -> int:
+    from registry.config import load_promote
+    from registry.promote import load_candidate, register
+    from registry.store import Registry
+    from training.config import load_common
+
+    params, common = load_promote(args.params), load_common(args.params)
+    registry = Registry(params.model_name)
+    candidate = load_candidate(common.models_dir, common.metrics_dir)
+    version, created = register(registry, candidate, args.params, common.experiment)
+    print(f"register: {params.model_name} v{version.version} "
+          f"{'registered' if created else 'already held these weights'} (gate: {version.tags.get('gate.decision')})")
+    return 0
+
+
+def _rollback(args) -> int:
+    from registry.config import load_promote
+    from registry.promote import rollback
+
+    params = load_promote(args.params)
+    previous, current = rollback(args.params)
+    print(f"rollback: {params.model_name} {params.alias} now points to v{current} (was v{previous})")
+    return 0
+
+
+def _status(args) -> int:
+    from registry.config import load_promote
+    from registry.promote import scores_from_tags
+    from registry.store import Registry, redact
+
+    params = load_promote(args.params)
+    registry = Registry(params.model_name, must_exist=True)
+    aliases, versions = registry.aliases(), registry.versions()
+    if args.json:
+        document = {
+            "model": params.model_name,
+            "tracking_uri": redact(registry.uri),
+            "aliases": aliases,
+            "versions": [{"version": v.version, "aliases": list(v.aliases), "status": v.status,
+                          "run_id": v.run_id, "source": v.source, "created": _iso(v.created_ms), "tags": v.tags}
+                         for v in versions],
+        }
+        json.dump(document, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    print(f"{params.model_name} at {redact(registry.uri)}; aliases: "
+          + (", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"))
+    scales = sorted({s for v in versions for s in scores_from_tags(v.tags)}, key=float)
+    header = ["version", "aliases", "gate", *[f"x{s} PSNR (vs bicubic)" for s in scales], "latency", "dataset",
+              "created"]
+    rows = []
+    for v in versions:
+        scores = scores_from_tags(v.tags)
+        cells = [f"v{v.version}", ",".join(v.aliases) or "-", v.tags.get("gate.decision", "-")]
+        for s in scales:
+            m = scores.get(s)
+            cells.append(f"{m['psnr']:.2f} ({m['psnr'] - m['bicubic_psnr']:+.2f})" if m and "bicubic_psnr" in m
+                         else "-")
+        latency = v.tags.get("gate.latency_ms")
+        cells += [f"{float(latency):.0f} ms" if latency not in (None, "None") else "-",
+                  v.tags.get("dataset_hash", "-")[:12], _iso(v.created_ms)[:19]]
+        rows.append(cells)
+    print(_table(header, rows))
+    for v in versions:
+        if v.tags.get("gate.decision") == "rejected":
+            print(f"  v{v.version} rejected: {v.tags.get('gate.reasons', '')}")
+    return 0
+
+
+def format_table(report: dict) -> str:
+    """The gate's checks as a Markdown table (also what CI writes to the job summary)."""
+    rows = [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"].replace("|", "/")] for c in report["checks"]]
+    before, after = (f"v{v}" if v else "none" for v in (report["production_before"], report["production_after"]))
+    lines = [f"Gate for {report['model']} v{report['version']}: **{report['decision']}** "
+             f"({report['alias']}: {before} -> {after})", "",
+             "| check | result | detail |", "| --- | --- | --- |"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) for r in [header, *rows])
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds") if ms else ""

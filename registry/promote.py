@@ -1,0 +1,311 @@
+"""Register the pipeline's model as a new version and promote it through the quality gate.
+
+`promote()` is the `promote` DVC stage and the CI gate:
+
+1. checks, before writing anything, that the tracking server answers and that the candidate (models/ with
+   metrics/eval.json scoring exactly those weights) is complete;
+2. registers the candidate (or finds the version that already holds the same weights);
+3. runs the gate (`registry.gate`) on the version as loaded back from the registry;
+4. on a pass, moves the alias, but only if it still points to the version the gate compared against (else it
+   compares again with the new one); the replaced version is recorded for `hndsr registry rollback`;
+5. writes the decision with every check to reports/promotion.json, to the version's tags and to an MLflow run.
+
+A rejected version stays registered, tagged `gate.decision = rejected` with its reasons; the alias does not
+move. If the gate itself fails (an error, not a rejection), a version registered by this call is deleted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+from hndsr.atomic import atomic_write_bytes
+from hndsr.checkpoint import STAGES, load_model, weights_hash
+from registry import gate
+from registry.config import PromoteParams, load_promote
+from registry.store import Registry, RegistryError, Version, redact
+from training import tracking
+from training.config import load_common, load_evaluate, load_yaml, params_hash
+
+log = logging.getLogger("hndsr.registry")
+
+EVAL_METRICS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "detail_ratio")
+MAX_ATTEMPTS = 3  # comparisons against a production alias that keeps moving before giving up
+# What the pyfunc flavour needs at load time besides mlflow (which MLflow adds itself).
+PYFUNC_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "pyyaml", "pandas")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    models_dir: Path
+    scores: dict[str, dict]  # eval.json "scales"
+    evaluation: dict  # all of eval.json
+    weights: dict[str, str]  # stage -> sha256 of model.safetensors
+    run_ids: dict[str, str]  # stage -> MLflow run id of its training
+    id: str  # sha256 over the three weight hashes: the same weights are the same candidate
+
+    @property
+    def dataset_hash(self) -> str:
+        return self.evaluation.get("dataset_hash", "")
+
+
+def load_candidate(models_dir: str | Path, metrics_dir: str | Path) -> Candidate:
+    """The trained checkpoints with their evaluation; RegistryError if either is missing or they disagree."""
+    models_dir, eval_path = Path(models_dir), Path(metrics_dir) / "eval.json"
+    if not eval_path.is_file():
+        raise RegistryError(f"the candidate has no evaluation metrics ({eval_path} is missing); run `dvc repro` "
+                            "(stage evaluate) first")
+    evaluation = json.loads(eval_path.read_text())
+    if not evaluation.get("scales"):
+        raise RegistryError(f"{eval_path} holds no per-scale metrics; re-run `dvc repro` (stage evaluate)")
+    load_model(models_dir)  # every checkpoint present and of one lineage (CheckpointError says what to re-run)
+    weights = {stage: weights_hash(models_dir / stage) for stage in STAGES}
+    if evaluation.get("models") != weights:
+        raise RegistryError(f"{eval_path} scored other weights than {models_dir}/ holds; re-run `dvc repro` "
+                            "(stage evaluate) so the metrics belong to this model")
+    run_ids = {stage: json.loads((models_dir / stage / "config.json").read_text()).get("run_id", "")
+               for stage in STAGES}
+    digest = hashlib.sha256("".join(weights[s] for s in sorted(weights)).encode()).hexdigest()
+    return Candidate(models_dir, evaluation["scales"], evaluation, weights, run_ids, digest)
+
+
+def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, str]:
+    document = load_yaml(params_path)
+    model_params = {k: v for k, v in document.items() if k != "promote"}
+    tags = {
+        "candidate_id": candidate.id,
+        "dataset_hash": candidate.dataset_hash,
+        "git_commit": tracking.git_commit(),
+        "params_hash": params_hash(model_params),
+        "eval.steps": str(candidate.evaluation.get("steps")),
+        "eval.seed": str(candidate.evaluation.get("seed")),
+        "gate.decision": "pending",
+    }
+    tags.update({f"weights.{stage}": digest for stage, digest in candidate.weights.items()})
+    tags.update({f"run_id.{stage}": run_id for stage, run_id in candidate.run_ids.items()})
+    for scale, values in candidate.scores.items():
+        tags.update({f"eval.x{scale}.{m}": str(values[m]) for m in EVAL_METRICS if m in values})
+    return tags
+
+
+def scores_from_tags(tags: dict[str, str]) -> dict[str, dict]:
+    """The per-scale evaluation metrics a version was registered with (inverse of `candidate_tags`)."""
+    scores: dict[str, dict] = {}
+    for key, value in tags.items():
+        if key.startswith("eval.x") and key.count(".") >= 2:  # eval.x<scale>.<metric>; scales like 2.5 hold a dot
+            scale, metric = key[len("eval.x"):].rsplit(".", 1)
+            scores.setdefault(scale, {})[metric] = float(value)
+    return scores
+
+
+def _pyfunc_signature_and_example():
+    import base64
+
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from hndsr.images import encode_png, to_uint8
+
+    inputs = Schema([ColSpec("string", "image"), ColSpec("double", "scale"),
+                     ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)])
+    outputs = Schema([ColSpec("string", "image"), ColSpec("long", "height"), ColSpec("long", "width")])
+    crop = to_uint8(gate.reference_input()[..., :32, :32])[0]
+    example = pd.DataFrame([{"image": base64.b64encode(encode_png(crop)).decode("ascii"), "scale": 4.0,
+                             "steps": 0, "seed": 0}])
+    return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def _requirements() -> list[str]:
+    pins = []
+    for name in PYFUNC_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={package_version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def register(registry: Registry, candidate: Candidate, params_path: str | Path, experiment: str) -> tuple[Version, bool]:
+    """The version holding `candidate`'s weights: an existing one, or a new one. Returns (version, created)."""
+    existing = registry.find("candidate_id", candidate.id) if registry.exists() else None
+    if existing is not None:
+        log.info("version %s already holds these weights; gating it again", existing.version)
+        return existing, False
+    tags = candidate_tags(candidate, params_path)
+    signature, example = _pyfunc_signature_and_example()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints = Path(tmp) / "checkpoints"
+        for stage in STAGES:  # weights + config only; metrics.json stays with the pipeline
+            (checkpoints / stage).mkdir(parents=True)
+            for name in ("config.json", "model.safetensors"):
+                (checkpoints / stage / name).write_bytes((candidate.models_dir / stage / name).read_bytes())
+        version = registry.register(checkpoints, experiment=experiment, tags=tags,
+                                    run_tags={"candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash},
+                                    signature=signature, input_example=example, pip_requirements=_requirements())
+    return version, True
+
+
+def _production_scores(registry: Registry, production: str, candidate: Candidate, local_model,
+                       params_path: str | Path) -> tuple[dict | None, dict, str]:
+    """(production scores, candidate scores, note) on one test split; production scores None if that cannot be
+    had (the note says why). Same dataset hash: the registered evaluations. Different: both models scored
+    again on the candidate's test split, when that split is here."""
+    tags = registry.get(production).tags
+    registered = scores_from_tags(tags)
+    if tags.get("dataset_hash") == candidate.dataset_hash and registered:
+        return registered, candidate.scores, "(same test split)"
+    from training.data import dataset_hash, load_pairs
+    from training.evaluate import score
+
+    common, eparams = load_common(params_path), load_evaluate(params_path)
+    here = dataset_hash(common.data_dir) if (Path(common.data_dir) / "manifest.json").is_file() else None
+    if here != candidate.dataset_hash:
+        return None, candidate.scores, (
+            f"cannot compare: production v{production} was evaluated on dataset {tags.get('dataset_hash', '?')[:12]}, "
+            f"the candidate on {candidate.dataset_hash[:12]}, and the candidate's test split is not in "
+            f"{common.data_dir} to re-evaluate both (run `dvc pull` or `dvc repro` first)")
+    log.info("production v%s was evaluated on another dataset; re-evaluating it and the candidate on this test split",
+             production)
+    test = load_pairs(common.data_dir, "test")
+    with tempfile.TemporaryDirectory() as tmp:
+        production_model = load_model(registry.download_checkpoints(production, Path(tmp)))
+    kwargs = {"seed": eparams.seed, "batch_size": eparams.batch_size, "device": "cpu", "baselines": False}
+    production_scores = score(production_model, test, steps=production_model.defaults.steps, **kwargs)
+    candidate_scores = score(local_model, test, steps=local_model.defaults.steps, **kwargs)
+    return production_scores, candidate_scores, f"(both re-evaluated on the candidate's test split, dataset " \
+                                                f"{candidate.dataset_hash[:12]})"
+
+
+def promote(params_path: str | Path = "params.yaml", report_path: str | Path = "reports/promotion.json", *,
+            before_move: Callable[[], None] | None = None) -> dict:
+    """Register and gate the pipeline's model; returns the report (also written to `report_path`).
+    `before_move` runs between the final alias check and the move (tests use it to race)."""
+    params: PromoteParams = load_promote(params_path)
+    common = load_common(params_path)
+    registry = Registry(params.model_name)  # fails here, before anything is written, if the server is down
+    candidate = load_candidate(common.models_dir, common.metrics_dir)
+    local_model = load_model(common.models_dir)
+    version, created = register(registry, candidate, params_path, common.experiment)
+    try:
+        report = _gate(registry, params, candidate, local_model, version.version, params_path, before_move)
+    except BaseException:
+        if created:
+            log.error("the gate failed; deleting version %s registered by this run", version.version)
+            registry.delete_version(version.version)
+        raise
+    atomic_write_bytes(Path(report_path), json.dumps(report, indent=2, sort_keys=True).encode() + b"\n")
+    run_id = registry.log_run(
+        "promote", experiment=common.experiment,
+        tags={"model_version": version.version, "decision": report["decision"],
+              "candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash},
+        metrics={"passed": float(report["decision"] != "rejected"),
+                 **{f"check_{c['name']}": float(c["passed"]) for c in report["checks"]},
+                 **_numbers(report)},
+        artifacts=[Path(report_path)])
+    registry.set_tags(version.version, {"gate.run_id": run_id})
+    return report
+
+
+def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local_model, version: str,
+          params_path, before_move) -> dict:
+    registered = registry.load_pyfunc(version).unwrap_python_model().model
+    rolled_back = registry.get(version).tags.get("rolled_back") == "true"
+    checks = [gate.Check("not_rolled_back", not rolled_back,
+                         f"version {version} was rolled back out of {params.alias}; register a new candidate"
+                         if rolled_back else "never rolled back", {}),
+              gate.beats_bicubic(candidate.scores, params),
+              gate.registered_copy(local_model, registered, params, version),
+              gate.outputs_in_range(registered, params),
+              gate.latency(registered, params)]
+    before = registry.alias_version(params.alias)
+    decision, moved_from = "rejected", None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        production = registry.alias_version(params.alias)
+        if production == version:
+            regression = gate.Check("no_regression", True, f"version {version} already holds {params.alias}", {})
+            decision = "unchanged" if all(c.passed for c in checks) else "rejected"
+            break
+        if production is None:
+            regression = gate.no_regression(candidate.scores, None, None, params)
+        else:
+            prod_scores, cand_scores, note = _production_scores(registry, production, candidate, local_model,
+                                                                params_path)
+            regression = gate.no_regression(cand_scores, prod_scores, production, params, split_note=note) \
+                if prod_scores is not None else gate.Check("no_regression", False, note,
+                                                           {"production_version": production})
+        if not all(c.passed for c in checks + [regression]):
+            break
+        if before_move is not None:
+            before_move()
+        now = registry.alias_version(params.alias)
+        if now != production:
+            log.warning("%s moved from v%s to v%s while the gate ran; comparing again (attempt %d of %d)",
+                        params.alias, production, now, attempt + 1, MAX_ATTEMPTS)
+            continue
+        registry.move_alias(params.alias, version)
+        decision, moved_from = "promoted", production
+        break
+    else:
+        regression = gate.Check("no_regression", False, f"{params.alias} moved during each of {MAX_ATTEMPTS} "
+                                "comparisons; run the gate again", {})
+    checks.append(regression)
+    after = registry.alias_version(params.alias)
+    reasons = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
+    report = {
+        "model": params.model_name, "version": version, "alias": params.alias, "decision": decision,
+        "reasons": reasons, "checks": [c.to_dict() for c in checks],
+        "production_before": before, "production_after": after, "replaced": moved_from,
+        "candidate": {"id": candidate.id, "dataset_hash": candidate.dataset_hash, "weights": candidate.weights,
+                      "training_runs": candidate.run_ids},
+        "tracking_uri": redact(registry.uri),
+        "thresholds": {k: v for k, v in params.__dict__.items() if k not in ("model_name", "alias")},
+    }
+    tags = {"gate.decision": "promoted" if decision != "rejected" else "rejected",
+            "gate.reasons": "; ".join(reasons)[:4000] or "all checks passed",
+            "gate.checks": json.dumps({c.name: c.passed for c in checks}, sort_keys=True),
+            "gate.latency_ms": str(next(c for c in checks if c.name == "latency").values.get("median_ms")),
+            "gate.compared_with": str(regression.values.get("production_version", "none"))}
+    if moved_from is not None:
+        tags["previous_production"] = moved_from
+        registry.set_tags(moved_from, {"replaced_by": version})
+    registry.set_tags(version, tags)
+    return report
+
+
+def _numbers(report: dict) -> dict[str, float]:
+    numbers = {}
+    for check in report["checks"]:
+        values = check["values"]
+        if check["name"] == "latency":
+            numbers["latency_ms"] = values["median_ms"]
+        elif check["name"] == "beats_bicubic" and values.get("gain_db"):
+            numbers["min_gain_over_bicubic_db"] = min(values["gain_db"].values())
+        elif check["name"] == "outputs_in_range":
+            numbers["out_of_range_fraction"] = values["out_of_range_fraction"]
+    return numbers
+
+
+def rollback(params_path: str | Path = "params.yaml") -> tuple[str, str]:
+    """Move the alias back to the version the current one replaced. Returns (from, to)."""
+    params = load_promote(params_path)
+    registry = Registry(params.model_name, must_exist=True)
+    current = registry.alias_version(params.alias)
+    if current is None:
+        raise RegistryError(f"{params.model_name} has no {params.alias!r} alias: nothing to roll back")
+    previous = registry.get(current).tags.get("previous_production")
+    if not previous:
+        raise RegistryError(f"{params.model_name} v{current} holds {params.alias} but replaced no earlier version: "
+                            "nothing to roll back to")
+    registry.get(previous)  # still registered?
+    registry.move_alias(params.alias, previous)
+    registry.set_tags(current, {"rolled_back": "true"})
+    log.info("%s: %s moved back from v%s to v%s", params.model_name, params.alias, current, previous)
+    return current, previous

@@ -1,0 +1,229 @@
+"""The one module that talks to the MLflow Model Registry.
+
+Where: `MLFLOW_TRACKING_URI` (a tracking server `http(s)://...`, or a database URL), default the local
+`sqlite:///mlflow.db` the training stages log to (`training.tracking`). The registry is the tracking store's.
+
+Every call that can fail for a reason the user can fix raises `RegistryError` with one line saying what to do:
+the server unreachable, the registered model or a version missing. A server that is down is found by a quick
+`/health` probe before anything is written, so no command leaves half its work behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from training import tracking
+
+log = logging.getLogger("hndsr.registry")
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+CHECKPOINTS = "checkpoints"  # the artifact holding models/{autoencoder,operator,diffusion}
+# A tracking server that stops answering mid-command fails it within seconds, not after MLflow's default
+# minutes of retries (users can still set these themselves).
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """One registered model version, as the rest of the code sees it."""
+
+    version: str
+    aliases: tuple[str, ...]
+    tags: dict[str, str]
+    run_id: str | None
+    source: str
+    status: str
+    created_ms: int
+
+
+def redact(uri: str) -> str:
+    """The URI without a password, for logs and reports."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise RegistryError unless the tracking server at an http(s) URI answers its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise RegistryError(f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}); start it, or point "
+                        f"MLFLOW_TRACKING_URI at a running one")
+
+
+class Registry:
+    """The registered model `name` in the registry at `uri` (default: `training.tracking.tracking_uri()`)."""
+
+    def __init__(self, name: str, uri: str | None = None, *, must_exist: bool = False) -> None:
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.name = name
+        self.uri = uri or tracking.tracking_uri()
+        check_reachable(self.uri)
+        if must_exist and self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
+            raise RegistryError(f"no MLflow database at {self.uri[len('sqlite:///'):]}: nothing is registered yet; "
+                                "run `dvc repro` (or `hndsr registry promote`) first")
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        if must_exist:
+            self.require_model()
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.name)
+            return True
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise RegistryError(f"the registry at {redact(self.uri)} failed: {exc.message}") from None
+
+    def require_model(self) -> None:
+        if not self.exists():
+            raise RegistryError(f"no registered model {self.name!r} at {redact(self.uri)}; register one with "
+                                "`hndsr registry promote` (the last `dvc repro` stage) first")
+
+    def aliases(self) -> dict[str, str]:
+        return {alias: str(v) for alias, v in self.client.get_registered_model(self.name).aliases.items()}
+
+    def alias_version(self, alias: str) -> str | None:
+        """The version `alias` points to now, or None."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise RegistryError(f"the registry at {redact(self.uri)} failed: {exc.message}") from None
+
+    def get(self, version: str) -> Version:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(self.name, str(version))
+        except MlflowException:
+            raise RegistryError(f"{self.name} has no version {version} at {redact(self.uri)}") from None
+        return _version(mv)
+
+    def versions(self) -> list[Version]:
+        """Every version, newest first."""
+        found = self.client.search_model_versions(f"name = '{self.name}'", max_results=10000)
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.aliases().items():  # search results do not carry aliases on every store
+            by_version.setdefault(version, []).append(alias)
+        versions = [_version(mv, by_version.get(str(mv.version))) for mv in found]
+        return sorted(versions, key=lambda v: int(v.version), reverse=True)
+
+    def find(self, tag: str, value: str) -> Version | None:
+        """The newest version whose tag `tag` equals `value`."""
+        return next((v for v in self.versions() if v.tags.get(tag) == value), None)
+
+    # -- writing ------------------------------------------------------------------------------------------
+
+    def register(self, checkpoints: Path, *, experiment: str, tags: dict[str, str], run_tags: dict[str, str],
+                 signature, input_example, pip_requirements: list[str]) -> Version:
+        """Log `checkpoints` (a folder of the three stage checkpoints) as the pyfunc model of a new MLflow run
+        and register it as a new version with `tags`. If logging fails, the run ends FAILED and nothing is
+        registered."""
+        import mlflow
+
+        import hndsr
+
+        with tracking.stage_run("register", experiment=experiment, tags=run_tags, params={}) as run_id:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(PYFUNC_FILE),
+                artifacts={CHECKPOINTS: str(checkpoints)},
+                code_paths=[str(Path(hndsr.__file__).parent)],
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=pip_requirements,
+            )
+            if not self.exists():
+                self.client.create_registered_model(
+                    self.name, description="HNDSR super-resolution (autoencoder + neural operator + DDIM "
+                                           "diffusion); promoted by the quality gate of `hndsr registry promote`")
+            mv = self.client.create_model_version(self.name, source=info.model_uri, run_id=run_id, tags=tags,
+                                                  model_id=info.model_id)
+        log.info("registered %s version %s (run %s)", self.name, mv.version, run_id)
+        return self.get(mv.version)
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, str(version), key, str(value))
+
+    def move_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, str(version))
+
+    def delete_version(self, version: str) -> None:
+        self.client.delete_model_version(self.name, str(version))
+
+    def log_run(self, name: str, *, experiment: str, tags: dict[str, str], metrics: dict[str, float],
+                artifacts: list[Path]) -> str:
+        """An MLflow run recording a registry action (the gate's decision); returns its id."""
+        with tracking.stage_run(name, experiment=experiment, tags=tags, params={}) as run_id:
+            tracking.log_metrics(metrics)
+            for path in artifacts:
+                tracking.log_artifact(path)
+        return run_id
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def model_uri(self, version: str) -> str:
+        return f"models:/{self.name}/{version}"
+
+    def download_checkpoints(self, version: str, destination: Path) -> Path:
+        """Download version `version`'s checkpoints (not its code) into `destination`; returns the folder
+        holding autoencoder/, operator/ and diffusion/."""
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=self.model_uri(version), dst_path=tmp,
+                                                             tracking_uri=self.uri))
+            source = local / "artifacts" / CHECKPOINTS
+            if not source.is_dir():
+                raise RegistryError(f"{self.name} version {version} has no {CHECKPOINTS} artifact; it was not "
+                                    "registered by `hndsr registry`")
+            shutil.copytree(source, destination, dirs_exist_ok=True)
+        return destination
+
+    def load_pyfunc(self, version: str):
+        """The version as MLflow loads it (pyfunc flavour, code and artifacts from the registry)."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.pyfunc.load_model(self.model_uri(version))
+
+
+def _version(mv, aliases: list[str] | None = None) -> Version:
+    return Version(version=str(mv.version), aliases=tuple(sorted(aliases if aliases is not None else mv.aliases or ())), tags=dict(mv.tags or {}),
+                   run_id=mv.run_id, source=mv.source, status=str(mv.status),
+                   created_ms=int(mv.creation_timestamp or 0))

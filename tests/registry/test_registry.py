@@ -1,0 +1,311 @@
+"""The registry and its gate against real `mlflow server` processes (SQLite; PostgreSQL + local S3)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port
+from tests.registry.conftest import run, start_mlflow_server
+
+pytestmark = pytest.mark.slow
+
+
+def registry_cli(project: Path, uri: str, action: str, *extra: str) -> subprocess.CompletedProcess:
+    return run(["hndsr", "registry", action, "--params", "params.yaml", *extra], project,
+               env={"MLFLOW_TRACKING_URI": uri})
+
+
+def status(project: Path, uri: str) -> dict:
+    result = registry_cli(project, uri, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def version_tags(document: dict, version: str) -> dict:
+    return next(v["tags"] for v in document["versions"] if v["version"] == version)
+
+
+def report(project: Path) -> dict:
+    return json.loads((project / "reports" / "promotion.json").read_text())
+
+
+def test_better_promoted_worse_rejected_then_rollback(make_project, mlflow_server):
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    good = make_project("good", model_name=name)
+    first = registry_cli(good, uri, "promote")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "v1 passed the gate; production -> v1" in first.stdout
+    assert "| beats_bicubic | pass |" in first.stdout
+    decision = report(good)
+    assert decision["decision"] == "promoted" and decision["production_after"] == "1"
+    assert {c["name"] for c in decision["checks"]} == {
+        "not_rolled_back", "beats_bicubic", "registered_copy", "outputs_in_range", "latency", "no_regression"}
+    assert all(c["passed"] for c in decision["checks"])
+
+    document = status(good, uri)
+    assert document["model"] == name and document["aliases"] == {"production": "1"}
+    tags = version_tags(document, "1")
+    manifest = json.loads((good / "data" / "processed" / "manifest.json").read_text())
+    assert tags["dataset_hash"] == manifest["dataset_hash"]
+    assert tags["gate.decision"] == "promoted" and len(tags["params_hash"]) == 64 and tags["git_commit"]
+    for stage in ("autoencoder", "operator", "diffusion"):
+        config = json.loads((good / "models" / stage / "config.json").read_text())
+        assert tags[f"run_id.{stage}"] == config["run_id"]
+    evaluation = json.loads((good / "metrics" / "eval.json").read_text())
+    assert float(tags["eval.x2.5.psnr"]) == evaluation["scales"]["2.5"]["psnr"]
+
+    # An untrained model: below the bicubic margin and worse than production. Registered, rejected, exit 3.
+    bad = make_project("bad", model_name=name)
+    rejected = registry_cli(bad, uri, "promote")
+    assert rejected.returncode == 3, rejected.stdout + rejected.stderr
+    assert "v2 REJECTED" in rejected.stdout and "production stays on v1" in rejected.stdout
+    failed = {c["name"] for c in report(bad)["checks"] if not c["passed"]}
+    assert failed == {"beats_bicubic", "no_regression"}
+    document = status(bad, uri)
+    assert document["aliases"] == {"production": "1"}
+    assert version_tags(document, "2")["gate.decision"] == "rejected"
+    assert "beats_bicubic" in version_tags(document, "2")["gate.reasons"]
+    # --allow-reject (the DVC stage): exit 0, same decision, the same weights are not registered twice.
+    allowed = registry_cli(bad, uri, "promote", "--allow-reject")
+    assert allowed.returncode == 0 and "REJECTED" in allowed.stdout
+    assert [v["version"] for v in status(bad, uri)["versions"]] == ["2", "1"]
+
+    # A second good candidate replaces v1; rollback brings v1 back and says so.
+    good2 = make_project("good2", model_name=name)
+    second = registry_cli(good2, uri, "promote")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "production -> v3 (was v1)" in second.stdout
+    assert version_tags(status(good2, uri), "3")["previous_production"] == "1"
+    back = registry_cli(good2, uri, "rollback")
+    assert back.returncode == 0 and f"{name} production now points to v1 (was v3)" in back.stdout
+    assert status(good2, uri)["aliases"] == {"production": "1"}
+    nothing = registry_cli(good2, uri, "rollback")
+    assert nothing.returncode == 1 and "nothing to roll back to" in nothing.stderr
+    # The rolled-back version is not promoted again by re-running the gate on the same weights.
+    again = registry_cli(good2, uri, "promote")
+    assert again.returncode == 3 and "not_rolled_back" in again.stdout
+    assert status(good2, uri)["aliases"] == {"production": "1"}
+
+
+def _decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def _round_trip(project: Path, uri: str, name: str, realsat: Path, monkeypatch) -> None:
+    """Load `name@production` through MLflow and compare with the checkpoints it came from."""
+    import mlflow
+
+    from hndsr.checkpoint import load_model
+    from hndsr.images import encode_png, to_tensor, to_uint8
+
+    pixels = np.asarray(Image.open(realsat / "landsat8_grenada.png").convert("RGB"))[:40, :50]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@production")
+    import pandas as pd
+
+    frame = pd.DataFrame([{"image": base64.b64encode(encode_png(pixels)).decode(), "scale": 2.5, "steps": 2,
+                           "seed": 5}])
+    output = loaded.predict(frame)
+    assert (int(output["height"][0]), int(output["width"][0])) == (100, 125)  # round_half_up(40*2.5, 50*2.5)
+    expected = to_uint8(load_model(project / "models").super_resolve(to_tensor(pixels), 2.5, steps=2, seed=5))[0]
+    np.testing.assert_array_equal(_decode(output["image"][0]), expected)
+
+
+def test_registered_version_loads_by_alias_and_matches_checkpoints(make_project, mlflow_server, realsat,
+                                                                   monkeypatch):
+    name = f"hndsr-{uuid.uuid4().hex[:8]}"
+    project = make_project("good", model_name=name)
+    assert registry_cli(project, mlflow_server.uri, "promote").returncode == 0
+    _round_trip(project, mlflow_server.uri, name, realsat, monkeypatch)
+
+
+def test_alias_moved_while_gating_is_compared_again(make_project, mlflow_server, monkeypatch):
+    """A racer moves production between the comparison and the move: the gate compares again with the new
+    production before moving it, and records the version it really replaced."""
+    from mlflow import MlflowClient
+
+    from registry.promote import promote
+
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    assert registry_cli(make_project("good", model_name=name), uri, "promote").returncode == 0  # v1
+    assert registry_cli(make_project("bad", model_name=name), uri, "register").returncode == 0  # v2, pending
+    project = make_project("good2", model_name=name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(project)
+    moves = []
+
+    def racer():
+        if not moves:
+            MlflowClient(uri).set_registered_model_alias(name, "production", "2")
+            moves.append("2")
+
+    result = promote("params.yaml", "reports/promotion.json", before_move=racer)
+    assert result["decision"] == "promoted" and result["replaced"] == "2"
+    assert result["production_before"] == "1" and result["production_after"] == "3"
+    regression = next(c for c in result["checks"] if c["name"] == "no_regression")
+    assert regression["values"]["production_version"] == "2"
+    assert version_tags(status(project, uri), "3")["previous_production"] == "2"
+
+
+def test_two_concurrent_promotions_leave_a_consistent_state(make_project, mlflow_server):
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    projects = [make_project("good", model_name=name), make_project("good2", model_name=name)]
+    results: list[subprocess.CompletedProcess] = [None, None]  # type: ignore[list-item]
+
+    def go(i):
+        results[i] = registry_cli(projects[i], uri, "promote")
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results), [r.stdout + r.stderr for r in results]
+    document = status(projects[0], uri)
+    versions = {v["version"]: v["tags"] for v in document["versions"]}
+    assert set(versions) == {"1", "2"}
+    production = document["aliases"]["production"]
+    assert all(tags["gate.decision"] == "promoted" for tags in versions.values())
+    other = "1" if production == "2" else "2"
+    # Either the later one compared with (and replaced) the earlier, or both compared with an empty alias.
+    assert versions[production].get("previous_production") in (other, None)
+    reports = [report(p) for p in projects]
+    assert {r["version"] for r in reports} == {"1", "2"}
+
+
+def test_gate_error_leaves_no_version_behind(make_project, mlflow_server, monkeypatch):
+    from registry import gate
+    from registry.promote import promote
+    from registry.store import Registry
+
+    name = f"hndsr-{uuid.uuid4().hex[:8]}"
+    project = make_project("good", model_name=name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.chdir(project)
+
+    def broken(model, params):
+        raise RuntimeError("latency probe crashed")
+
+    monkeypatch.setattr(gate, "latency", broken)
+    with pytest.raises(RuntimeError, match="latency probe crashed"):
+        promote("params.yaml", "reports/promotion.json")
+    assert Registry(name).versions() == []
+    assert not (project / "reports" / "promotion.json").exists()
+
+
+def test_other_dataset_is_re_evaluated_or_refused(make_project, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    assert registry_cli(make_project("good", model_name=name), uri, "promote").returncode == 0
+    MlflowClient(uri).set_model_version_tag(name, "1", "dataset_hash", "0" * 64)  # "evaluated elsewhere"
+    project = make_project("good2", model_name=name)
+    result = registry_cli(project, uri, "promote")
+    assert result.returncode == 0, result.stdout + result.stderr
+    regression = next(c for c in report(project)["checks"] if c["name"] == "no_regression")
+    assert "re-evaluated on the candidate's test split" in regression["detail"]
+
+    MlflowClient(uri).set_model_version_tag(name, "2", "dataset_hash", "1" * 64)
+    elsewhere = make_project("bad", model_name=name, folder="bad-without-data")
+    import shutil
+
+    shutil.rmtree(elsewhere / "data")
+    refused = registry_cli(elsewhere, uri, "promote")
+    assert refused.returncode == 3
+    regression = next(c for c in report(elsewhere)["checks"] if c["name"] == "no_regression")
+    assert not regression["passed"] and regression["detail"].startswith("cannot compare")
+    assert status(elsewhere, uri)["aliases"] == {"production": "2"}
+
+
+def test_errors_are_one_line_and_write_nothing(make_project, mlflow_server):
+    down = f"http://127.0.0.1:{free_port()}"
+    project = make_project("good")
+    for action in ("promote", "register", "status", "rollback"):
+        result = registry_cli(project, down, action)
+        assert result.returncode == 1, (action, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cannot reach the MLflow tracking server" in lines[0], result.stderr
+    assert not (project / "reports").exists() and not (project / "mlruns").exists()
+
+    missing = registry_cli(project, mlflow_server.uri, "status")
+    assert missing.returncode == 1 and "no registered model" in missing.stderr
+    assert registry_cli(project, mlflow_server.uri, "rollback").returncode == 1
+
+    (project / "metrics" / "eval.json").unlink()
+    no_metrics = registry_cli(project, mlflow_server.uri, "promote")
+    assert no_metrics.returncode == 1 and "has no evaluation metrics" in no_metrics.stderr
+    assert len(no_metrics.stderr.strip().splitlines()) == 1
+    assert "no registered model" in registry_cli(project, mlflow_server.uri, "status").stderr
+
+
+@pytest.fixture
+def postgres_s3_server(tmp_path, s3_server):
+    psycopg = pytest.importorskip("psycopg")
+    database = f"hndsr_registry_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    env = {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    server = start_mlflow_server(f"postgresql://postgres@127.0.0.1:5432/{database}", f"s3://{bucket}/artifacts",
+                                 tmp_path, env)
+    yield server, s3_server, bucket
+    server.stop()
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def test_promote_and_load_on_postgres_with_s3_artifacts(make_project, postgres_s3_server, realsat, monkeypatch):
+    server, s3, bucket = postgres_s3_server
+    name = f"hndsr-{uuid.uuid4().hex[:8]}"
+    project = make_project("good", model_name=name)
+    result = registry_cli(project, server.uri, "promote")
+    assert result.returncode == 0, result.stdout + result.stderr + server.log.read_text()[-3000:]
+    assert status(project, server.uri)["aliases"] == {"production": "1"}
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert any(k.endswith("checkpoints/diffusion/model.safetensors") for k in keys)
+    assert not any(k.endswith(".pkl") for k in keys)  # model from code: nothing pickled
+    _round_trip(project, server.uri, name, realsat, monkeypatch)
+
+
+def test_gate_checks_in_isolation():
+    """The checks' arithmetic without a server: margins, tolerance, NaN outputs, latency budget."""
+    import torch
+
+    from registry import gate
+    from registry.config import PromoteParams
+    from registry.promote import scores_from_tags
+
+    params = PromoteParams(min_gain_over_bicubic=0.2, max_psnr_regression=0.05, latency_budget_ms=1.0)
+    scores = {"2": {"psnr": 30.5, "bicubic_psnr": 30.0, "ssim": 0.9}, "2.5": {"psnr": 30.1, "bicubic_psnr": 30.0,
+                                                                             "ssim": 0.9}}
+    check = gate.beats_bicubic(scores, params)
+    assert not check.passed and "x2.5 +0.10 dB" in check.detail
+    within = {"2": {"psnr": 30.46, "ssim": 0.9}, "2.5": {"psnr": 30.1, "ssim": 0.9}}
+    assert gate.no_regression(within, scores, "7", params).passed  # -0.04 dB at x2: inside the 0.05 tolerance
+    assert not gate.no_regression({"2": {"psnr": 30.4, "ssim": 0.9}, "2.5": scores["2.5"]}, scores, "7", params).passed
+    assert not gate.no_regression({"2": scores["2"]}, scores, "7", params).passed  # x2.5 not evaluated
+    tags = {"eval.x2.5.psnr": "30.1", "eval.x2.psnr": "30.5", "eval.steps": "4", "dataset_hash": "x"}
+    assert scores_from_tags(tags) == {"2.5": {"psnr": 30.1}, "2": {"psnr": 30.5}}
+
+    class Broken:
+        defaults = type("D", (), {"steps": 1})()
+
+        def super_resolve(self, lr, scale, *, seed=None, clamp=True):
+            out = torch.zeros(1, 3, 4, 4)
+            out[0, 0, 0, 0] = float("nan")
+            return out
+
+    assert not gate.outputs_in_range(Broken(), params).passed
+    assert not gate.latency(Broken(), PromoteParams(latency_budget_ms=0.0)).passed
