@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.stages", "train one stage (autoencoder, operator, diffusion) with an Optuna sweep"),
     "evaluate": ("training.evaluate", "score HNDSR, its prior and bicubic on the test split at every scale"),
     "registry": ("registry.cli", "register the model, gate and promote it (alias production), status, rollback"),
+    "serve": ("serving.cli", "serve the production model over HTTP (FastAPI + uvicorn)"),
 }
 
 # Errors a user can fix: printed as one line, exit status 1 (2 for bad params or arguments).

@@ -168,13 +168,22 @@ class Registry:
                 pip_requirements=pip_requirements,
             )
             if not self.exists():
-                self.client.create_registered_model(
-                    self.name, description="HNDSR super-resolution (autoencoder + neural operator + DDIM "
-                                           "diffusion); promoted by the quality gate of `hndsr registry promote`")
+                self._create_model()
             mv = self.client.create_model_version(self.name, source=info.model_uri, run_id=run_id, tags=tags,
                                                   model_id=info.model_id)
         log.info("registered %s version %s (run %s)", self.name, mv.version, run_id)
         return self.get(mv.version)
+
+    def _create_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                self.name, description="HNDSR super-resolution (autoencoder + neural operator + DDIM diffusion); "
+                                       "promoted by the quality gate of `hndsr registry promote`")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another promotion created it just now: fine
+                raise
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():

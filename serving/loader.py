@@ -1,0 +1,123 @@
+"""Find, download and load the model to serve, with the `hndsr` package (safetensors + config, no pickle).
+
+`MODEL_URI` forms:
+- `models:/hndsr@production` (an alias; the server follows it when it moves), `models:/hndsr/3` (a version);
+- a local folder: the three checkpoint folders (autoencoder/, operator/, diffusion/), or a model exported
+  with `mlflow artifacts download -u models:/hndsr/3 -d DIR` (its `artifacts/checkpoints`), for hosts
+  without a tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hndsr.checkpoint import CheckpointError, load_model
+from serving.engine import LoadedModel
+
+log = logging.getLogger("hndsr.serving")
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or loaded; the message says why."""
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"HNDSR_DEVICE={setting} but CUDA is not available on this host")
+    return device
+
+
+def _checkpoints_in(folder: Path) -> Path:
+    for candidate in (folder, folder / "artifacts" / "checkpoints", folder / "checkpoints"):
+        if (candidate / "autoencoder").is_dir():
+            return candidate
+    raise ModelLoadError(f"{folder} holds no model: expected autoencoder/, operator/ and diffusion/ checkpoint "
+                         "folders (or artifacts/checkpoints/ of an exported registry version)")
+
+
+def current_version(model_uri: str) -> str | None:
+    """The version an alias URI points to now (None for fixed versions and local folders)."""
+    match = _MODELS_URI.match(model_uri)
+    if not match or not match["alias"]:
+        return None
+    from registry.store import Registry
+
+    return Registry(match["name"]).alias_version(match["alias"])
+
+
+def load(model_uri: str, device: torch.device, *, version: str | None = None) -> LoadedModel:
+    """Load and warm up the model at `model_uri` (for an alias: `version` if given, else where it points)."""
+    start = time.perf_counter()
+    match = _MODELS_URI.match(model_uri)
+    if match:
+        loaded = _load_registered(match, device, version)
+    elif "://" in model_uri or model_uri.startswith("models:"):
+        raise ModelLoadError(f"MODEL_URI={model_uri!r}: use models:/NAME@ALIAS, models:/NAME/VERSION or a local folder")
+    else:
+        folder = Path(model_uri)
+        if not folder.is_dir():
+            raise ModelLoadError(f"MODEL_URI={model_uri!r} is neither a models:/ URI nor an existing folder")
+        checkpoints = _checkpoints_in(folder)
+        model = _load_checkpoints(checkpoints, device)
+        config = json.loads((checkpoints / "diffusion" / "config.json").read_text())
+        loaded = LoadedModel(model, {"version": "local", "alias": None, "source": str(folder.resolve()),
+                                     "run_id": config.get("run_id"), "dataset_hash": config.get("dataset_hash"),
+                                     "metrics": {}}, device)
+    _warm_up(loaded)
+    loaded.info["default_steps"] = loaded.model.defaults.steps
+    loaded.info["scale_range"] = [loaded.model.min_scale, loaded.model.max_scale]
+    loaded.info["device"] = str(device)
+    log.info("loaded model %s (version %s) on %s in %.1f s", model_uri, loaded.info["version"], device,
+             time.perf_counter() - start)
+    return loaded
+
+
+def _load_checkpoints(checkpoints: Path, device: torch.device):
+    try:
+        return load_model(checkpoints).to(device)
+    except (CheckpointError, OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the checkpoints in {checkpoints}: {exc}") from None
+
+
+def _load_registered(match: re.Match, device: torch.device, version: str | None) -> LoadedModel:
+    from registry.promote import scores_from_tags
+    from registry.store import Registry, RegistryError
+
+    name, alias = match["name"], match["alias"]
+    try:
+        registry = Registry(name, must_exist=True)
+        version = version or (registry.alias_version(alias) if alias else match["version"])
+        if version is None:
+            raise ModelLoadError(f"registered model {name!r} has no alias {alias!r}: promote a version first "
+                                 "(`hndsr registry promote`)")
+        registered = registry.get(version)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoints = registry.download_checkpoints(version, Path(tmp))
+            model = _load_checkpoints(checkpoints, device)
+    except RegistryError as exc:
+        raise ModelLoadError(str(exc)) from None
+    tags = registered.tags
+    info = {"name": name, "version": version, "alias": alias, "source": f"models:/{name}/{version}",
+            "run_id": registered.run_id, "dataset_hash": tags.get("dataset_hash"),
+            "git_commit": tags.get("git_commit"), "gate": tags.get("gate.decision"),
+            "metrics": scores_from_tags(tags)}
+    return LoadedModel(model, info, device)
+
+
+def _warm_up(loaded: LoadedModel) -> None:
+    model = loaded.model
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(loaded.device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=loaded.device.type == "cuda"):
+        model.super_resolve(lr, model.min_scale, seed=0)

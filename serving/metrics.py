@@ -1,0 +1,33 @@
+"""Prometheus metrics of one server process (its own registry, so tests can run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("hndsr_requests_total", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("hndsr_request_seconds", "HTTP request latency by route", ["route"], registry=r,
+                                 buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.queue_tiles = Gauge("hndsr_queue_tiles", "tiles waiting for or in inference", registry=r)
+        self.queue_pixels = Gauge("hndsr_queue_output_pixels", "output pixels admitted and not yet done", registry=r)
+        self.images = Counter("hndsr_images_total", "images super-resolved", registry=r)
+        self.pixels = Counter("hndsr_output_pixels_total", "output pixels produced", registry=r)
+        self.rejections = Counter("hndsr_rejections_total", "requests refused, by reason", ["reason"], registry=r)
+        self.batch_size = Histogram("hndsr_batch_tiles", "tiles per forward pass", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32))
+        self.model = Gauge("hndsr_model_info", "the model being served (value 1)", ["version", "alias", "source"],
+                           registry=r)
+
+    def set_model(self, info: dict) -> None:
+        self.model.clear()
+        self.model.labels(version=str(info.get("version")), alias=str(info.get("alias") or ""),
+                          source=str(info.get("source"))).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

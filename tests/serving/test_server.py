@@ -1,0 +1,382 @@
+"""The HTTP server as a real process (`hndsr serve`) on a loopback port, with a small random-weight model
+(serving behaviour does not depend on quality) and, for hot reload, a real `mlflow server`."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hndsr.checkpoint import load_model, save_network, upstream_hashes
+from hndsr.degradation import hr_size
+from hndsr.images import encode_png
+from hndsr.networks import (
+    Autoencoder,
+    AutoencoderConfig,
+    DiffusionUNet,
+    NeuralOperator,
+    OperatorConfig,
+    UNetConfig,
+)
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def write_model(folder: Path, seed: int, *, local: bool = False) -> Path:
+    """Random small networks as checkpoints. `local`: a lossless autoencoder (all 12 components of the 2x2
+    blocks) and the operator at its untrained zero start, so like a trained model the output at a pixel depends
+    on its neighbourhood only (a random operator sees grid coordinates; a lossy random autoencoder has a 2x2
+    block phase), which the tiling test needs."""
+    torch.manual_seed(seed)
+    latent = 12 if local else 4
+    ae = Autoencoder(AutoencoderConfig(latent_channels=latent, width=8, blocks=1))
+    ae.fit_linear(torch.rand(2, 3, 16, 16))
+    op = NeuralOperator(OperatorConfig(latent_channels=latent, width=8, modes=4, layers=2))
+    torch.nn.init.normal_(op.project[-1].weight, std=0.0 if local else 0.01)
+    unet = DiffusionUNet(UNetConfig(latent_channels=latent, width=8, emb_dim=16))
+    torch.nn.init.normal_(unet.out.weight, std=0.1)
+    save_network(folder / "autoencoder", "autoencoder", ae)
+    save_network(folder / "operator", "operator", op,
+                 extra={"upstream": upstream_hashes("operator", folder), "scale_range": [2.0, 4.0]})
+    save_network(folder / "diffusion", "diffusion", unet,
+                 extra={"upstream": upstream_hashes("diffusion", folder), "scale_range": [2.0, 4.0],
+                        "sampling": {"steps": 2, "eta": 0.0, "temperature": 0.5, "strength": 1.0},
+                        "scheduler": {"num_train_timesteps": 1000, "prediction_type": "sample"}})
+    return folder
+
+
+class Server:
+    def __init__(self, env: dict[str, str], tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"serve-{self.port}.log"
+        full = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HNDSR_POLL_S": "0", **env}
+        self.process = subprocess.Popen([str(BIN / "hndsr"), "serve", "--port", str(self.port)], env=full,
+                                        stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited {self.process.returncode}: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"server not ready in {timeout} s: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("served") / "models", seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_MAX_UPLOAD_BYTES": "300000", "HNDSR_MAX_INPUT_PIXELS": "40000",
+                "HNDSR_MAX_OUTPUT_PIXELS": "400000", "HNDSR_MAX_QUEUE_PIXELS": "2000000", "HNDSR_TILE": "32",
+                "HNDSR_TILE_OVERLAP": "4"}, tmp_path_factory.mktemp("logs"))
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+def png(height: int, width: int, seed: int = 0) -> bytes:
+    return encode_png(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def post(url: str, data: bytes, scale="4", steps=None, seed=None, headers=None, **kwargs) -> httpx.Response:
+    fields = {"scale": scale, **({"steps": steps} if steps is not None else {}), **({"seed": seed} if seed else {})}
+    return httpx.post(f"{url}/v1/super-resolve", files={"file": ("in.png", data, "image/png")}, data=fields,
+                      headers=headers, timeout=120, **kwargs)
+
+
+def decode(response: httpx.Response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"))
+
+
+@pytest.mark.parametrize(("scale", "height", "width"), [("4", 24, 30), ("2.5", 21, 17), ("3.3", 40, 70)])
+def test_round_trip_follows_the_size_rule(server, scale, height, width):
+    response = post(server.url, png(height, width), scale=scale, steps="1", seed="3")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    out = decode(response)
+    s = float(scale)
+    assert out.shape == (hr_size(height, s), hr_size(width, s), 3)
+    assert response.headers["x-model-version"] == "local" and float(response.headers["x-inference-time-ms"]) > 0
+    assert response.headers["x-steps"] == "1"
+
+
+def test_single_tile_equals_the_model_and_seed_decides(server, model_dir):
+    image = png(20, 24, seed=4)
+    first, second = post(server.url, image, scale="2.5", seed="7"), post(server.url, image, scale="2.5", seed="7")
+    assert first.content == second.content
+    from hndsr.images import to_tensor, to_uint8
+
+    model = load_model(model_dir)
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+    from serving.engine import Tile, _tile_seed
+
+    expected = to_uint8(model.super_resolve(to_tensor(pixels), 2.5, seed=[_tile_seed(7, Tile(0, 0, 20, 24))]))[0]
+    np.testing.assert_array_equal(decode(first), expected)
+    assert post(server.url, image, scale="2.5", seed="8").content != first.content
+    default_steps = post(server.url, image, scale="2.5")
+    assert default_steps.headers["x-steps"] == "2"  # the model's recorded default
+
+
+def test_model_health_metrics_and_docs(server):
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
+    info = httpx.get(f"{server.url}/v1/model").json()
+    assert info["version"] == "local" and info["default_steps"] == 2 and info["scale_range"] == [2.0, 4.0]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("hndsr_requests_total", "hndsr_request_seconds_bucket", "hndsr_queue_tiles", "hndsr_images_total",
+                 "hndsr_output_pixels_total", 'hndsr_model_info{alias="",source='):
+        assert name in metrics
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    assert "/v1/super-resolve" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+
+
+def _truncated_png() -> bytes:
+    data = png(60, 60)
+    return data[: len(data) // 2]
+
+
+def _bomb_png() -> bytes:
+    """A valid PNG header claiming 30000 x 30000 pixels (900 MP) with almost no data."""
+    import struct
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + \
+        chunk(b"IEND", b"")
+
+
+def _gif() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("name", "make", "status", "code"), [
+    ("empty file", lambda u: post(u, b""), 400, "empty_file"),
+    ("not an image", lambda u: post(u, b"hello, not an image"), 415, "unsupported_image"),
+    ("truncated", lambda u: post(u, _truncated_png()), 400, "bad_image"),
+    ("unsupported format", lambda u: post(u, _gif()), 415, "unsupported_image"),
+    ("decompression bomb", lambda u: post(u, _bomb_png()), 413, "input_too_large"),
+    ("input above pixel limit", lambda u: post(u, png(250, 250)), 413, "input_too_large"),
+    ("output above pixel limit", lambda u: post(u, png(180, 180), scale="4"), 413, "output_too_large"),
+    ("upload above byte limit", lambda u: post(u, b"\0" * 400_000), 413, "upload_too_large"),
+    ("scale out of range", lambda u: post(u, png(8, 8), scale="9"), 422, "scale_out_of_range"),
+    ("scale not a number", lambda u: post(u, png(8, 8), scale="four"), 422, "invalid_scale"),
+    ("scale not finite", lambda u: post(u, png(8, 8), scale="nan"), 422, "invalid_scale"),
+    ("steps out of range", lambda u: post(u, png(8, 8), steps="1000"), 422, "steps_out_of_range"),
+    ("negative steps", lambda u: post(u, png(8, 8), steps="-1"), 422, "steps_out_of_range"),
+    ("steps not a number", lambda u: post(u, png(8, 8), steps="2.5"), 422, "invalid_steps"),
+    ("missing file", lambda u: httpx.post(f"{u}/v1/super-resolve", data={"scale": "4"},
+                                          files={"other": ("x", b"1")}), 422, "missing_file"),
+    ("missing scale", lambda u: httpx.post(f"{u}/v1/super-resolve", files={"file": ("a.png", png(8, 8))}),
+     422, "missing_scale"),
+    ("wrong content type", lambda u: httpx.post(f"{u}/v1/super-resolve", content=png(8, 8),
+                                                headers={"content-type": "image/png"}), 415, "not_multipart"),
+    ("empty body", lambda u: httpx.post(f"{u}/v1/super-resolve", content=b"",
+                                        headers={"content-type": "multipart/form-data; boundary=x"}), 400,
+     "empty_body"),
+])
+def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, make, status, code):
+    response = make(server.url)
+    assert response.status_code == status, (name, response.text)
+    body = response.json()
+    assert body["error"] == code and body["detail"], body
+    assert post(server.url, png(8, 8), steps="0").status_code == 200
+
+
+def test_upload_limit_is_enforced_while_streaming(server):
+    """A chunked body (no Content-Length) that passes the limit is refused before it ends: we send 400 kB of a
+    body that never finishes, and the 413 must still come back."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"POST /v1/super-resolve HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+        chunk = b"\0" * 100_000
+        for _ in range(4):
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        answer = ""  # no final chunk was sent: the answer must come anyway
+        while "upload_too_large" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413"), answer[:300]
+    assert "upload_too_large" in answer
+
+
+def test_concurrent_requests_equal_sequential_ones(server):
+    images = [png(24 + i % 3 * 8, 30, seed=i) for i in range(32)]
+    sequential = {i: post(server.url, images[i], scale="3", steps="1", seed=str(i)).content for i in range(4)}
+    results: dict[int, httpx.Response] = {}
+
+    def go(i):
+        results[i] = post(server.url, images[i], scale="3", steps="1", seed=str(i))
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {r.status_code for r in results.values()} <= {200, 503}
+    assert sum(r.status_code == 200 for r in results.values()) >= 4
+    for i, content in sequential.items():
+        if results[i].status_code == 200:
+            assert results[i].content == content
+    for r in results.values():
+        if r.status_code == 503:
+            assert r.headers["retry-after"]
+
+
+def test_queue_full_is_503_with_retry_after(model_dir, tmp_path):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_MAX_OUTPUT_PIXELS": "100000", "HNDSR_MAX_QUEUE_PIXELS": "100000",
+                "HNDSR_TILE": "32", "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
+    try:
+        s.wait_ready()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(post(s.url, png(70, 70), scale="4", steps="3")))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert 200 in codes and 503 in codes, codes
+        busy = next(r for r in results if r.status_code == 503)
+        assert busy.headers["retry-after"] and busy.json()["error"] == "overloaded"
+        assert 'hndsr_rejections_total{reason="overloaded"}' in httpx.get(f"{s.url}/metrics").text
+    finally:
+        s.stop()
+
+
+def test_deadline_is_504(model_dir, tmp_path):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_DEADLINE_S": "0.05", "HNDSR_TILE": "32",
+                "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
+    try:
+        s.wait_ready()
+        response = post(s.url, png(120, 120), scale="4", steps="40")
+        assert response.status_code == 504 and response.json()["error"] == "deadline_exceeded"
+        assert post(s.url, png(8, 8), steps="0").status_code in (200, 504)  # still serving
+    finally:
+        s.stop()
+
+
+def test_api_key(model_dir, tmp_path):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_API_KEY": "s3cret"}, tmp_path)
+    try:
+        s.wait_ready()
+        assert post(s.url, png(8, 8), steps="0").status_code == 401
+        assert post(s.url, png(8, 8), steps="0", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert post(s.url, png(8, 8), steps="0", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{s.url}/v1/model").status_code == 401
+        assert httpx.get(f"{s.url}/healthz").status_code == 200 and httpx.get(f"{s.url}/readyz").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_request_in_flight_completes_on_sigterm(model_dir, tmp_path):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_TILE": "32", "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
+    s.wait_ready()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=post(s.url, png(100, 100), scale="4", steps="20")))
+    thread.start()
+    time.sleep(1.0)
+    s.process.send_signal(signal.SIGTERM)
+    thread.join(timeout=120)
+    assert result["r"].status_code == 200 and decode(result["r"]).shape == (400, 400, 3)
+    assert s.process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+    assert "draining" in s.log.read_text()
+
+
+def test_unloadable_model_exits_non_zero_with_the_reason(tmp_path):
+    s = Server({"MODEL_URI": str(tmp_path / "nowhere")}, tmp_path)
+    assert s.process.wait(timeout=60) != 0
+    assert "neither a models:/ URI nor an existing folder" in s.log.read_text()
+
+
+def test_hot_reload_follows_the_alias(tmp_path, realsat):
+    from mlflow import MlflowClient
+    from registry.store import Registry
+    from tests.registry.conftest import start_mlflow_server
+
+    mlflow_server = start_mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), tmp_path)
+    try:
+        env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+        os.environ.update(env)
+        registry = Registry("served", mlflow_server.uri)
+        versions = [registry.register(write_model(tmp_path / f"m{i}" / "checkpoints", seed=i), experiment="serving-test", tags={},
+                                      run_tags={}, signature=None, input_example=None, pip_requirements=["torch"])
+                    for i in range(2)]
+        client = MlflowClient(mlflow_server.uri)
+        client.set_registered_model_alias("served", "production", versions[0].version)
+        s = Server({**env, "MODEL_URI": "models:/served@production", "HNDSR_POLL_S": "0.5"}, tmp_path)
+        try:
+            s.wait_ready()
+            image = encode_png(np.asarray(Image.open(realsat / "landsat8_grenada.png").convert("RGB"))[:24, :24])
+            before = post(s.url, image, scale="2", steps="1")
+            assert before.headers["x-model-version"] == "1" and before.headers["x-model-alias"] == "production"
+            client.set_registered_model_alias("served", "production", versions[1].version)
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{s.url}/v1/model").json()["version"] != "2":
+                assert time.monotonic() < deadline, s.log.read_text()[-2000:]
+                time.sleep(0.3)
+            after = post(s.url, image, scale="2", steps="1")
+            assert after.headers["x-model-version"] == "2" and after.content != before.content
+            # A version that cannot be loaded: logged, and version 2 keeps serving.
+            broken = write_model(tmp_path / "m2" / "checkpoints", seed=2)
+            (broken / "diffusion" / "model.safetensors").write_bytes(b"not safetensors")
+            bad = registry.register(broken, experiment="serving-test", tags={}, run_tags={}, signature=None,
+                                    input_example=None, pip_requirements=["torch"])
+            client.set_registered_model_alias("served", "production", bad.version)
+            time.sleep(3)
+            assert httpx.get(f"{s.url}/v1/model").json()["version"] == "2"
+            assert post(s.url, image, scale="2", steps="1").status_code == 200
+            assert "hot reload failed" in s.log.read_text()
+        finally:
+            s.stop()
+    finally:
+        for key in ("MLFLOW_TRACKING_URI",):
+            os.environ.pop(key, None)
+        mlflow_server.stop()
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    result = subprocess.run(
+        [str(BIN / "schemathesis"), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "30", "--workers", "1"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert schemathesis is not None
