@@ -328,6 +328,7 @@ def test_unloadable_model_exits_non_zero_with_the_reason(tmp_path):
 
 def test_hot_reload_follows_the_alias(tmp_path, realsat):
     from mlflow import MlflowClient
+
     from registry.store import Registry
     from tests.registry.conftest import start_mlflow_server
 
@@ -372,11 +373,11 @@ def test_hot_reload_follows_the_alias(tmp_path, realsat):
         mlflow_server.stop()
 
 
-def test_schemathesis_finds_no_server_errors(server):
+def test_schemathesis_finds_no_server_errors(server, tmp_path):
     schemathesis = pytest.importorskip("schemathesis")
     result = subprocess.run(
         [str(BIN / "schemathesis"), "run", f"{server.url}/openapi.json", "--checks", "not_a_server_error",
          "--max-examples", "30", "--workers", "1"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes to the cwd
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert schemathesis is not None
