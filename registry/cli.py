@@ -100,8 +100,8 @@ def _rollback(args) -> int:
     from registry.promote import rollback
 
     params = load_promote(args.params)
-    previous, current = rollback(args.params)
-    print(f"rollback: {params.model_name} {params.alias} now points to v{current} (was v{previous})")
+    was, now = rollback(args.params)
+    print(f"rollback: {params.model_name} {params.alias} now points to v{now} (was v{was})")
     return 0
 
 

@@ -74,7 +74,6 @@ class State:
         self.engine: Engine | None = None
         self.ready = False
         self.draining = False
-        self.in_flight = 0
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -125,14 +124,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def observe(request: Request, call_next):
         start = time.perf_counter()
         route = request.url.path if request.url.path in _ROUTES else "other"
-        state.in_flight += 1
         try:
             response = await call_next(request)
         except Exception:
             log.exception("unhandled error on %s", request.url.path)
             response = _error(500, "internal_error", "the server failed on this request; it was logged")
-        finally:
-            state.in_flight -= 1
         state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
         state.metrics.latency.labels(route=route).observe(time.perf_counter() - start)
         return response

@@ -205,18 +205,9 @@ class Engine:
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
         try:
             outputs = self._infer(batch)
-        except DeadlineExceeded as exc:
-            for job, _ in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            return
-        except Overloaded as exc:
-            for job, _ in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            return
-        except Exception as exc:  # a bug or a broken model: fail these requests, keep serving
-            log.exception("inference failed")
+        except Exception as exc:  # deadline, out of memory, or a broken model: fail these requests, keep serving
+            if not isinstance(exc, DeadlineExceeded | Overloaded):
+                log.exception("inference failed")
             for job, _ in batch:
                 if not job.future.done():
                     job.future.set_exception(exc)

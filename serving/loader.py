@@ -92,6 +92,8 @@ def _load_checkpoints(checkpoints: Path, device: torch.device):
 
 
 def _load_registered(match: re.Match, device: torch.device, version: str | None) -> LoadedModel:
+    from mlflow.exceptions import MlflowException
+
     from registry.promote import scores_from_tags
     from registry.store import Registry, RegistryError
 
@@ -106,8 +108,8 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoints = registry.download_checkpoints(version, Path(tmp))
             model = _load_checkpoints(checkpoints, device)
-    except RegistryError as exc:
-        raise ModelLoadError(str(exc)) from None
+    except (RegistryError, MlflowException, OSError) as exc:  # unreachable, missing, or a failed download
+        raise ModelLoadError(f"{name}: {exc}") from None
     tags = registered.tags
     info = {"name": name, "version": version, "alias": alias, "source": f"models:/{name}/{version}",
             "run_id": registered.run_id, "dataset_hash": tags.get("dataset_hash"),
