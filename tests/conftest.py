@@ -94,12 +94,19 @@ def _start_moto(extra_env: dict[str, str]) -> S3Server:
     pytest.fail("moto_server did not answer within 30 s")
 
 
-def _stop(server: S3Server) -> None:
-    server.process.terminate()
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a server process the tests started; kill it if it does not exit within `timeout` s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
     try:
-        server.process.wait(timeout=10)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        server.process.kill()
+        process.kill()
+
+
+def _stop(server: S3Server) -> None:
+    stop_process(server.process, timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_process
 
 BIN = Path(sys.executable).parent
 IMAGES = ("landsat8_grenada.png", "spacenet6_rotterdam_urban.png", "landsat7_bahamas_crop.png")
@@ -44,11 +44,7 @@ class MlflowServer:
     log: Path
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process, timeout=20)
 
 
 def start_mlflow_server(backend: str, artifacts: str, workdir: Path, env: dict[str, str] | None = None) -> MlflowServer:

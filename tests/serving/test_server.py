@@ -30,7 +30,7 @@ from hndsr.networks import (
     OperatorConfig,
     UNetConfig,
 )
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -82,12 +82,7 @@ class Server:
         pytest.fail(f"server not ready in {timeout} s: {self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
 
 
 @pytest.fixture(scope="module")
