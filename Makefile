@@ -1,40 +1,63 @@
 # Two commands do everything on a fresh machine with Python 3.11+ and git:
 #   make repro   set up .venv and run the pipeline (dvc repro) on the default data
 #   make test    set up .venv and run the tests
-# Set-up runs only when pyproject.toml changed since the last install, so re-running is cheap.
+# Set-up installs the lock file requirements/dev.txt (every package pinned, hash-checked), then torch, then the
+# project; it runs only when pyproject.toml or the lock changed since the last install, so re-running is cheap.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch is installed first and on its own so a build can be chosen, e.g. CPU-only wheels:
-#   make repro TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+LOCK := requirements/dev.txt
+# torch is pinned to one version (pyproject.toml) and installed on its own so its build can be chosen, e.g. the
+# CPU-only wheels:   make repro TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
+# The installers themselves: pip (installs the lock) and uv (resolves it, `make lock`).
+PIP_SPEC := pip==26.3
+UV_SPEC := uv==0.13.9
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test lint status ui clean help
+.PHONY: setup repro test lint status ui clean help lock lock-check
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
 	@echo "make test    set up .venv and run the tests"
 	@echo "make lint    ruff over the code"
+	@echo "make lock    re-resolve the lock files (requirements/*.txt) after changing pyproject.toml"
+	@echo "             (make lock LOCK_ARGS=--upgrade moves every package to its newest allowed version)"
+	@echo "make lock-check  fail if the lock files do not match pyproject.toml (CI runs it)"
 	@echo "make status  what dvc would re-run, and the current metrics"
 	@echo "make ui      the MLflow UI on mlflow.db at http://127.0.0.1:5000 (MLFLOW_PORT=... to change)"
 	@echo "make clean   remove .venv and pipeline outputs (data/, models/)"
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11+ not found; install it or pass PYTHON=/path/to/python3.11"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "error: $(PYTHON) is older than 3.11; pass PYTHON=/path/to/python3.11"; exit 1; }
-	@echo "setting up $(VENV) with $(PYTHON) ($(TORCH_SPEC)); this takes a few minutes once"
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	@echo "setting up $(VENV) with $(PYTHON) from the lock file $(LOCK) and $(TORCH_SPEC); this takes a few minutes once"
+	$(PYTHON) -m venv --clear $(VENV)  # exactly the lock: nothing left from an earlier install
+	$(PIP) install $(PIP_SPEC)
+	$(PIP) install --require-hashes --no-deps -r $(LOCK)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	@echo "installed from $(LOCK): $$(grep -c '^[a-zA-Z0-9]' $(LOCK)) locked packages + $$($(BIN)/python -c 'import torch; print("torch", torch.__version__)')"
 	@touch $@
+
+# Only a venv with uv: `make lock` must work while the lock is stale (set-up would refuse it then).
+$(BIN)/uv:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(UV_SPEC)
+
+LOCK_ARGS ?=
+lock: $(BIN)/uv
+	$(BIN)/python requirements/lock.py $(LOCK_ARGS)
+
+lock-check: $(BIN)/uv
+	$(BIN)/python requirements/lock.py --check
 
 repro: $(STAMP)
 	$(RUN) dvc repro

@@ -16,8 +16,9 @@ import dataclasses
 import torch
 
 from hndsr.networks import Autoencoder, AutoencoderConfig, NeuralOperator, OperatorConfig
-from training.config import load_common, load_stage
-from training.data import load_hr_tiles, load_pairs
+from hndsr.params import load_common
+from hndsr.splits import load_hr_tiles, load_pairs
+from training.config import load_stage
 from training.trainers import TRAINERS, Context
 
 

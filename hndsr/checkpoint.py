@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import hndsr
 from hndsr.config import ConfigError, from_mapping
+from hndsr.errors import UserError
 from hndsr.model import HNDSR, SamplingDefaults
 from hndsr.networks import (
     Autoencoder,
@@ -37,7 +38,7 @@ STAGES = {
 UPSTREAM = {"autoencoder": [], "operator": ["autoencoder"], "diffusion": ["autoencoder", "operator"]}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit with the others; the message says what to re-run."""
 
 

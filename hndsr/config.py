@@ -13,11 +13,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from hndsr.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A params or config value a user must fix; the message names the key."""
+class ConfigError(UserError, ValueError):
+    """A params or config value a user must fix; the message names the key. Exit status 2."""
+
+    exit_code = 2
 
 
 def from_mapping(cls: type[T], data: Any, *, where: str) -> T:

@@ -15,8 +15,11 @@ Conversion rule (applied by `decode_rgb`, used by ETL, training and serving alik
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion to RGB.
 * 32-bit float (``F``) and any other mode: refused, because no scaling rule fits all float data.
 
-Decoding errors (not an image, truncated, unsupported format or mode, too many pixels) raise
-`ImageDecodeError` with a one-line reason, so callers can skip the input and report why.
+Decoding errors raise `ImageDecodeError` with a one-line reason, so callers can skip the input and report why.
+Two kinds have their own subclass, because callers answer them differently (the server maps each to an HTTP
+status): `ImageTooLarge` (more pixels than allowed, or a decompression bomb) and `UnsupportedFormat` (not an
+image, or a format outside `SUPPORTED_FORMATS`). Everything else (empty, truncated, corrupt, unsupported pixel
+mode) is a plain `ImageDecodeError`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image; the message says why in one line."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """The image has more pixels than the caller allows (found from the header, before decoding)."""
+
+
+class UnsupportedFormat(ImageDecodeError):
+    """Not an image file, or an image format that is not supported."""
+
+
 def decode_rgb(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode `data` into an 8-bit RGB array of shape (H, W, 3), following the module's conversion rule.
 
@@ -53,19 +64,19 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore", UserWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"too many pixels: {exc}") from None
+        raise ImageTooLarge(f"too many pixels: {exc}") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError("not a recognised image file") from None
+        raise UnsupportedFormat("not a recognised image file") from None
     except Exception as exc:  # Pillow raises many types for malformed headers
         raise ImageDecodeError(f"unreadable image header ({type(exc).__name__}: {exc})") from None
     with image:
         if image.format not in SUPPORTED_FORMATS:
-            raise ImageDecodeError(
+            raise UnsupportedFormat(
                 f"unsupported format {image.format}; use one of {', '.join(sorted(SUPPORTED_FORMATS - {'MPO'}))}"
             )
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageDecodeError(f"too many pixels: {width}x{height} is above the limit of {max_pixels}")
+            raise ImageTooLarge(f"too many pixels: {width}x{height} is above the limit of {max_pixels}")
         if width == 0 or height == 0:
             raise ImageDecodeError(f"empty image ({width}x{height})")
         try:

@@ -7,10 +7,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
-from hndsr.config import ConfigError, from_mapping
+from hndsr.config import ConfigError
 from hndsr.degradation import is_exact
+from hndsr.params import load_section
 
 SPLITS = ("train", "val", "test")
 GROUP_BY = ("auto", "image", "block")
@@ -97,13 +96,4 @@ class EtlParams:
 
 def load_params(path: str | Path) -> EtlParams:
     """Read the `etl` section of a params file; raise ConfigError naming the key on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
-    try:
-        document = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(document, dict) or "etl" not in document:
-        raise ConfigError(f"{path}: has no `etl` section")
-    return from_mapping(EtlParams, document["etl"] or {}, where="etl")
+    return load_section(EtlParams, path, "etl")

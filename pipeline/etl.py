@@ -8,7 +8,6 @@ from the matching LR image in the paired layout) and stream the rows to the spli
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
@@ -25,8 +24,9 @@ from tqdm import tqdm
 
 from hndsr.atomic import atomic_directory
 from hndsr.degradation import degrade
+from hndsr.errors import UserError
 from hndsr.images import ImageDecodeError, decode_rgb, encode_png, to_tensor, to_uint8
-from pipeline.config import SPLITS, EtlParams, load_params
+from pipeline.config import SPLITS, EtlParams
 from pipeline.dataset import SplitWriter, dataset_hash, format_scale
 from pipeline.sources import (
     BLUEMARBLE,
@@ -45,7 +45,7 @@ PAIR_SCALE_TOLERANCE = 0.02  # a paired LR may be off the nominal scale by round
 LR_BATCH = 512  # tiles degraded per interpolate call
 
 
-class EtlError(RuntimeError):
+class EtlError(UserError, RuntimeError):
     """The stage cannot produce a dataset; the message says why and what to change."""
 
 
@@ -324,13 +324,6 @@ def _manifest(params, description, counts, split_entries, skipped, ignored, sour
     }
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file with an `etl` section "
-                        "(default: %(default)s)")
-    parser.add_argument("--out", default="data/processed", help="output folder, replaced atomically "
-                        "(default: %(default)s)")
-
-
 def warn_if_untracked(source: str, dvc_file: Path = Path("dvc.yaml")) -> None:
     """Warn when a local folder source is not a dependency of the `etl` stage: DVC would then not re-run the
     stage when images are added or changed."""
@@ -345,11 +338,3 @@ def warn_if_untracked(source: str, dvc_file: Path = Path("dvc.yaml")) -> None:
     if not any(folder == dep or dep in folder.parents for dep in tracked):
         log.warning("etl.source %s is not a dependency of the etl stage in %s: DVC will not re-run the stage when "
                     "its images change; add `- %s` under stages.etl.deps", source, dvc_file, source)
-
-
-def main(args: argparse.Namespace) -> int:
-    params = load_params(args.params)
-    warn_if_untracked(params.source)
-    report = run_etl(params, args.out)
-    print(report.summary(), flush=True)
-    return 0

@@ -15,12 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from hndsr.errors import UserError
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 BLUEMARBLE = "bluemarble"
 BLUEMARBLE_FILE = "bmng.jpg"  # NASA Blue Marble Next Generation, 5400x2700, public domain
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """The source as a whole cannot be used; the message says what to fix."""
 
 

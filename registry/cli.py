@@ -18,6 +18,8 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from hndsr.cli import Command
+
 REJECTED = 3
 KEY_METRICS = ("psnr", "ssim")
 
@@ -81,10 +83,10 @@ def _promote(args) -> int:
 
 
 def _register(args) -> int:
+    from hndsr.params import load_common
     from registry.config import load_promote
     from registry.promote import load_candidate, register
     from registry.store import Registry
-    from training.config import load_common
 
     params, common = load_promote(args.params), load_common(args.params)
     registry = Registry(params.model_name)
@@ -107,8 +109,7 @@ def _rollback(args) -> int:
 
 def _status(args) -> int:
     from registry.config import load_promote
-    from registry.promote import scores_from_tags
-    from registry.store import Registry, redact
+    from registry.store import Registry, redact, scores_from_tags
 
     params = load_promote(args.params)
     registry = Registry(params.model_name, must_exist=True)
@@ -167,3 +168,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds") if ms else ""
+
+
+registry = Command("register the model, gate and promote it (alias production), status, rollback", add_arguments,
+                   main)

@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hndsr.config import ConfigError, from_mapping
-from training.config import load_yaml, section
+from hndsr.config import ConfigError
+from hndsr.params import load_section
 
 
 @dataclass(frozen=True)
@@ -43,4 +43,4 @@ class PromoteParams:
 
 
 def load_promote(path: str | Path) -> PromoteParams:
-    return from_mapping(PromoteParams, section(load_yaml(path), "promote", path), where="promote")
+    return load_section(PromoteParams, path, "promote")

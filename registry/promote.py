@@ -28,16 +28,17 @@ from pathlib import Path
 
 from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, weights_hash
+from hndsr.params import load_common, load_evaluate, load_params, params_hash
+from hndsr.provenance import git_commit
 from registry import gate
 from registry.config import PromoteParams, load_promote
-from registry.store import Registry, RegistryError, Version, redact
-from training import tracking
-from training.config import load_common, load_evaluate, load_yaml, params_hash
+from registry.store import Registry, RegistryError, Version, eval_tags, redact, scores_from_tags
 
 log = logging.getLogger("hndsr.registry")
 
 EVAL_METRICS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "detail_ratio")
 MAX_ATTEMPTS = 3  # comparisons against a production alias that keeps moving before giving up
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc flavour, logged as model from code
 # What the pyfunc flavour needs at load time besides mlflow (which MLflow adds itself).
 PYFUNC_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "pyyaml", "pandas")
 
@@ -77,12 +78,12 @@ def load_candidate(models_dir: str | Path, metrics_dir: str | Path) -> Candidate
 
 
 def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, str]:
-    document = load_yaml(params_path)
-    model_params = {k: v for k, v in document.items() if k != "promote"}
+    document = load_params(params_path)
+    model_params = {name: document[name] for name in document if name != "promote"}  # what made the model
     tags = {
         "candidate_id": candidate.id,
         "dataset_hash": candidate.dataset_hash,
-        "git_commit": tracking.git_commit(),
+        "git_commit": git_commit(),
         "params_hash": params_hash(model_params),
         "eval.steps": str(candidate.evaluation.get("steps")),
         "eval.seed": str(candidate.evaluation.get("seed")),
@@ -90,19 +91,8 @@ def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, s
     }
     tags.update({f"weights.{stage}": digest for stage, digest in candidate.weights.items()})
     tags.update({f"run_id.{stage}": run_id for stage, run_id in candidate.run_ids.items()})
-    for scale, values in candidate.scores.items():
-        tags.update({f"eval.x{scale}.{m}": str(values[m]) for m in EVAL_METRICS if m in values})
+    tags.update(eval_tags(candidate.scores, EVAL_METRICS))
     return tags
-
-
-def scores_from_tags(tags: dict[str, str]) -> dict[str, dict]:
-    """The per-scale evaluation metrics a version was registered with (inverse of `candidate_tags`)."""
-    scores: dict[str, dict] = {}
-    for key, value in tags.items():
-        if key.startswith("eval.x") and key.count(".") >= 2:  # eval.x<scale>.<metric>; scales like 2.5 hold a dot
-            scale, metric = key[len("eval.x"):].rsplit(".", 1)
-            scores.setdefault(scale, {})[metric] = float(value)
-    return scores
 
 
 def _pyfunc_signature_and_example():
@@ -147,7 +137,7 @@ def register(registry: Registry, candidate: Candidate, params_path: str | Path, 
             (checkpoints / stage).mkdir(parents=True)
             for name in ("config.json", "model.safetensors"):
                 (checkpoints / stage / name).write_bytes((candidate.models_dir / stage / name).read_bytes())
-        version = registry.register(checkpoints, experiment=experiment, tags=tags,
+        version = registry.register(checkpoints, python_model=PYFUNC_FILE, experiment=experiment, tags=tags,
                                     run_tags={"candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash},
                                     signature=signature, input_example=example, pip_requirements=_requirements())
     return version, True
@@ -162,8 +152,8 @@ def _production_scores(registry: Registry, production: str, candidate: Candidate
     registered = scores_from_tags(tags)
     if tags.get("dataset_hash") == candidate.dataset_hash and registered:
         return registered, candidate.scores, "(same test split)"
-    from training.data import dataset_hash, load_pairs
-    from training.evaluate import score
+    from hndsr.evaluation import score
+    from hndsr.splits import dataset_hash, load_pairs
 
     common, eparams = load_common(params_path), load_evaluate(params_path)
     here = dataset_hash(common.data_dir) if (Path(common.data_dir) / "manifest.json").is_file() else None

@@ -1,7 +1,12 @@
 """The one module that talks to the MLflow Model Registry.
 
 Where: `MLFLOW_TRACKING_URI` (a tracking server `http(s)://...`, or a database URL), default the local
-`sqlite:///mlflow.db` the training stages log to (`training.tracking`). The registry is the tracking store's.
+`sqlite:///mlflow.db` the training stages log to (`hndsr.provenance`). The registry is the tracking store's.
+The registry's own actions (registering a version, a gate decision) are MLflow runs in the pipeline's experiment.
+
+Tag format of a version (`candidate_tags` in registry.promote writes them, `scores_from_tags` reads them back):
+`eval.x<scale>.<metric>` (test metrics per scale, e.g. `eval.x2.5.psnr`), `dataset_hash`, `git_commit`,
+`params_hash`, `run_id.<stage>`, `weights.<stage>`, `candidate_id`, and the gate's `gate.*` tags.
 
 Every call that can fail for a reason the user can fix raises `RegistryError` with one line saying what to do:
 the server unreachable, the registered model or a version missing. A server that is down is found by a quick
@@ -10,6 +15,7 @@ the server unreachable, the registered model or a version missing. A server that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -17,21 +23,22 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from training import tracking
+from hndsr.errors import UserError
+from hndsr.provenance import git_commit, local_artifact_location, tracking_uri
 
 log = logging.getLogger("hndsr.registry")
 
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 CHECKPOINTS = "checkpoints"  # the artifact holding models/{autoencoder,operator,diffusion}
 # A tracking server that stops answering mid-command fails it within seconds, not after MLflow's default
 # minutes of retries (users can still set these themselves).
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """The registry cannot do what was asked; the message says why and what to do."""
 
 
@@ -46,6 +53,22 @@ class Version:
     source: str
     status: str
     created_ms: int
+
+
+def eval_tags(scores: dict[str, dict], metrics: Iterable[str]) -> dict[str, str]:
+    """Tags `eval.x<scale>.<metric>` for the per-scale evaluation `scores` (eval.json's "scales")."""
+    return {f"eval.x{scale}.{m}": str(values[m]) for scale, values in scores.items() for m in metrics
+            if m in values}
+
+
+def scores_from_tags(tags: dict[str, str]) -> dict[str, dict]:
+    """The per-scale evaluation metrics a version was registered with (inverse of `eval_tags`)."""
+    scores: dict[str, dict] = {}
+    for key, value in tags.items():
+        if key.startswith("eval.x") and key.count(".") >= 2:  # eval.x<scale>.<metric>; scales like 2.5 hold a dot
+            scale, metric = key[len("eval.x"):].rsplit(".", 1)
+            scores.setdefault(scale, {})[metric] = float(value)
+    return scores
 
 
 def redact(uri: str) -> str:
@@ -75,13 +98,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class Registry:
-    """The registered model `name` in the registry at `uri` (default: `training.tracking.tracking_uri()`)."""
+    """The registered model `name` in the registry at `uri` (default: `hndsr.provenance.tracking_uri()`)."""
 
     def __init__(self, name: str, uri: str | None = None, *, must_exist: bool = False) -> None:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.name = name
-        self.uri = uri or tracking.tracking_uri()
+        # New experiments keep artifacts beside the local default database; read before MLflow exports the URI.
+        self._artifact_location = None if uri else local_artifact_location()
+        self.uri = uri or tracking_uri()
         check_reachable(self.uri)
         if must_exist and self.uri.startswith("sqlite:///") and not Path(self.uri[len("sqlite:///"):]).is_file():
             raise RegistryError(f"no MLflow database at {self.uri[len('sqlite:///'):]}: nothing is registered yet; "
@@ -148,19 +173,19 @@ class Registry:
 
     # -- writing ------------------------------------------------------------------------------------------
 
-    def register(self, checkpoints: Path, *, experiment: str, tags: dict[str, str], run_tags: dict[str, str],
-                 signature, input_example, pip_requirements: list[str]) -> Version:
-        """Log `checkpoints` (a folder of the three stage checkpoints) as the pyfunc model of a new MLflow run
-        and register it as a new version with `tags`. If logging fails, the run ends FAILED and nothing is
-        registered."""
+    def register(self, checkpoints: Path, *, python_model: Path, experiment: str, tags: dict[str, str],
+                 run_tags: dict[str, str], signature, input_example, pip_requirements: list[str]) -> Version:
+        """Log `checkpoints` (a folder of the three stage checkpoints) with the pyfunc model-from-code file
+        `python_model` as the model of a new MLflow run, and register it as a new version with `tags`. If logging
+        fails, the run ends FAILED and nothing is registered."""
         import mlflow
 
         import hndsr
 
-        with tracking.stage_run("register", experiment=experiment, tags=run_tags, params={}) as run_id:
+        with self._run("register", experiment=experiment, tags=run_tags) as run_id:
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(PYFUNC_FILE),
+                python_model=str(python_model),
                 artifacts={CHECKPOINTS: str(checkpoints)},
                 code_paths=[str(Path(hndsr.__file__).parent)],
                 signature=signature,
@@ -198,11 +223,27 @@ class Registry:
     def log_run(self, name: str, *, experiment: str, tags: dict[str, str], metrics: dict[str, float],
                 artifacts: list[Path]) -> str:
         """An MLflow run recording a registry action (the gate's decision); returns its id."""
-        with tracking.stage_run(name, experiment=experiment, tags=tags, params={}) as run_id:
-            tracking.log_metrics(metrics)
+        import mlflow
+
+        with self._run(name, experiment=experiment, tags=tags) as run_id:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
             for path in artifacts:
-                tracking.log_artifact(path)
+                mlflow.log_artifact(str(path))
         return run_id
+
+    @contextlib.contextmanager
+    def _run(self, name: str, *, experiment: str, tags: dict[str, str]) -> Iterator[str]:
+        """A run of the pipeline's experiment (created if new), tagged `stage = name` like the training runs."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        found = mlflow.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else \
+            mlflow.create_experiment(experiment, artifact_location=self._artifact_location)
+        all_tags = {"stage": name, "git_commit": git_commit(), **tags}
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags) as run:
+            log.info("MLflow run %s (%s) at %s", run.info.run_id, name, redact(self.uri))
+            yield run.info.run_id
 
     # -- loading ------------------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from serving.settings import Settings, SettingsError
+from hndsr.cli import Command
+from serving.settings import SettingsError, load_settings
 
 log = logging.getLogger("hndsr.serving")
 
@@ -31,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from serving.loader import ModelLoadError
 
     try:
-        settings = Settings.from_env()
+        settings = load_settings()
     except SettingsError as exc:
         print(f"hndsr serve: error: {exc}", file=sys.stderr)
         return 2
@@ -56,3 +57,6 @@ def main(args: argparse.Namespace) -> int:
         print("hndsr serve: error: the server did not start (see the log above)", file=sys.stderr)
         return 1
     return 0
+
+
+serve = Command("serve the production model over HTTP (FastAPI + uvicorn)", add_arguments, main)

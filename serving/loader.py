@@ -94,8 +94,7 @@ def _load_checkpoints(checkpoints: Path, device: torch.device):
 def _load_registered(match: re.Match, device: torch.device, version: str | None) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
-    from registry.promote import scores_from_tags
-    from registry.store import Registry, RegistryError
+    from registry.store import Registry, RegistryError, scores_from_tags
 
     name, alias = match["name"], match["alias"]
     try:

@@ -1,9 +1,10 @@
-"""Server settings, all from the environment (so the container is configured the same way).
+"""Server settings, all from the environment (so the container is configured the same way), typed and checked
+by pydantic-settings. An empty variable counts as unset.
 
 | variable | default | meaning |
 |---|---|---|
 | `MODEL_URI` | `models:/hndsr@production` | a registry alias or version, or a local folder (an exported model) |
-| `MLFLOW_TRACKING_URI` | `sqlite:///mlflow.db` | where `models:/` URIs are resolved |
+| `MLFLOW_TRACKING_URI` | `sqlite:///mlflow.db` | where `models:/` URIs are resolved (read by the registry) |
 | `HNDSR_DEVICE` | `auto` | `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ... |
 | `HNDSR_API_KEY` | unset | when set, `/v1/*` needs `Authorization: Bearer <key>` |
 | `HNDSR_MAX_UPLOAD_BYTES` | 20000000 | request body limit, enforced while reading |
@@ -20,53 +21,61 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+from typing import Annotated
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Positive = Annotated[int, Field(gt=0)]
 
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot use; the message names the variable."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    model_uri: str = "models:/hndsr@production"
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HNDSR_", env_ignore_empty=True, frozen=True, extra="ignore",
+                                      populate_by_name=True)
+
+    model_uri: str = Field("models:/hndsr@production", validation_alias="MODEL_URI")
     device: str = "auto"
     api_key: str | None = None
-    max_upload_bytes: int = 20_000_000
-    max_input_pixels: int = 4_000_000
-    max_output_pixels: int = 16_000_000
-    max_queue_pixels: int = 64_000_000
-    max_steps: int = 50
-    tile: int = 64
-    tile_overlap: int = 8
-    max_batch: int = 8
-    deadline_s: float = 120.0
-    poll_s: float = 30.0
-    drain_s: float = 30.0
+    max_upload_bytes: Positive = 20_000_000
+    max_input_pixels: Positive = 4_000_000
+    max_output_pixels: Positive = 16_000_000
+    max_queue_pixels: Positive = 64_000_000
+    max_steps: Positive = 50
+    tile: Positive = 64
+    tile_overlap: Positive = 8
+    max_batch: Positive = 8
+    deadline_s: float = Field(120.0, gt=0)
+    poll_s: float = Field(30.0, ge=0)
+    drain_s: float = Field(30.0, gt=0)
 
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
-        values: dict = {}
-        for f in fields(cls):
-            name = "MODEL_URI" if f.name == "model_uri" else f"HNDSR_{f.name.upper()}"
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            if f.type in ("int", "float"):
-                try:
-                    value = int(raw) if f.type == "int" else float(raw)
-                except ValueError:
-                    raise SettingsError(f"{name}={raw!r} is not a number") from None
-                if value <= 0 and f.name != "poll_s":
-                    raise SettingsError(f"{name} must be positive, got {raw}")
-                values[f.name] = value
-            else:
-                values[f.name] = raw
-        settings = cls(**values)
-        if not 2 <= settings.tile_overlap < settings.tile // 2:
-            raise SettingsError("HNDSR_TILE_OVERLAP must be at least 2 and below half of HNDSR_TILE")
-        if settings.max_queue_pixels < settings.max_output_pixels:
-            raise SettingsError("HNDSR_MAX_QUEUE_PIXELS must be at least HNDSR_MAX_OUTPUT_PIXELS")
-        return settings
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if not 2 <= self.tile_overlap < self.tile // 2:
+            raise ValueError("HNDSR_TILE_OVERLAP must be at least 2 and below half of HNDSR_TILE")
+        if self.max_queue_pixels < self.max_output_pixels:
+            raise ValueError("HNDSR_MAX_QUEUE_PIXELS must be at least HNDSR_MAX_OUTPUT_PIXELS")
+        return self
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else f"HNDSR_{field.upper()}"
+
+
+def load_settings(**overrides) -> Settings:
+    """The settings from the environment (and `overrides`, by field name); SettingsError naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = [str(part) for part in error["loc"]]
+            field = where[0] if where and where[0] in Settings.model_fields else None
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{env_name(field)}={error.get('input')!r}: {message}" if field else message)
+        raise SettingsError("; ".join(problems)) from None

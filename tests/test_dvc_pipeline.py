@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.test_stage_dependencies import undeclared_params
+
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline", "training",
                   "registry"]
 
 
-def _run(args, cwd):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def _run(args, cwd, **extra_env):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra_env}
     env.pop("MLFLOW_TRACKING_URI", None)  # the project's own default: mlflow.db in the project
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -104,8 +106,15 @@ def _shrink(project: Path) -> dict:
 @pytest.mark.slow
 def test_full_pipeline_tiny(project):
     params = _shrink(project)
-    result = _run(["dvc", "repro"], project)
+    trace = project / "params-trace.jsonl"
+    result = _run(["dvc", "repro"], project, HNDSR_PARAMS_TRACE=str(trace))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # Every stage read only params sections that dvc.yaml declares for it (else DVC would not re-run it).
+    traced = {" ".join(line["command"]): line["sections"] for line in map(json.loads, trace.read_text().splitlines())}
+    for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
+        assert stage["cmd"] in traced, f"stage {name} left no params trace"
+        assert undeclared_params(stage, traced[stage["cmd"]]["params.yaml"]) == [], name
     for stage in ("autoencoder", "operator", "diffusion"):
         assert (project / "models" / stage / "model.safetensors").is_file()
         assert (project / "models" / stage / "config.json").is_file()

@@ -1,43 +1,16 @@
-"""Typed params for the training and evaluation stages (sections `train`, `train_<stage>`, `evaluate`)."""
+"""Typed params of the training stages (sections `train_<stage>`; `train` and `evaluate` are in hndsr.params)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hndsr.config import ConfigError, from_mapping
+from hndsr.params import load_params
 
 STAGE_NAMES = ("autoencoder", "operator", "diffusion")
-
-
-@dataclass(frozen=True)
-class TrainCommon:
-    """Shared by the three training stages and evaluation (params section `train`)."""
-
-    data_dir: str = "data/processed"
-    models_dir: str = "models"
-    metrics_dir: str = "metrics"
-    experiment: str = "hndsr"
-    scale_range: list[float] = field(default_factory=lambda: [2.0, 4.0])
-    device: str = "auto"  # auto | cpu | cuda
-    study_storage: str = "sqlite:///optuna.db"
-    val_tiles: int = 40  # validation tiles per scale, evenly spaced through the split
-    threads: int = 0  # CPU threads for torch; 0 = torch's default
-
-    def __post_init__(self) -> None:
-        low, high = (self.scale_range + [0, 0])[:2]
-        if len(self.scale_range) != 2 or not 1 < low < high:
-            raise ConfigError(f"train.scale_range: must be [low, high] with 1 < low < high, got {self.scale_range}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device: must be auto, cpu or cuda, got {self.device!r}")
-        if self.val_tiles < 1:
-            raise ConfigError("train.val_tiles: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -102,50 +75,13 @@ class DiffusionExtras:
     prediction_type: str = "sample"
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    """Params section `evaluate`."""
-
-    steps: int | None = None  # null: the diffusion checkpoint's validated default
-    seed: int = 0
-    grid_tiles: int = 4  # test tiles in the sample grid image
-    batch_size: int = 16
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def section(document: dict, name: str, path: str | Path) -> dict:
-    if name not in document:
-        raise ConfigError(f"{path}: has no `{name}` section")
-    return document[name] or {}
-
-
-def load_common(path: str | Path) -> TrainCommon:
-    return from_mapping(TrainCommon, section(load_yaml(path), "train", path), where="train")
-
-
 def load_stage(path: str | Path, stage: str) -> tuple[StageParams, DiffusionExtras | None]:
     """The `train_<stage>` section; for diffusion also its `sampling` sub-section."""
     name = f"train_{stage}"
-    raw = dict(section(load_yaml(path), name, path))
+    raw = dict(load_params(path).section(name))
     extras = None
     if stage == "diffusion":
         extras = from_mapping(DiffusionExtras, raw.pop("sampling", {}) or {}, where=f"{name}.sampling")
     params = from_mapping(StageParams, raw, where=name)
     params.check(name)
     return params, extras
-
-
-def load_evaluate(path: str | Path) -> EvaluateParams:
-    return from_mapping(EvaluateParams, section(load_yaml(path), "evaluate", path), where="evaluate")
-
-
-def params_hash(*sections: Any) -> str:
-    """SHA-256 of the params a stage ran with (dataclasses or dicts), for MLflow tags and study names."""
-    text = json.dumps([asdict(s) if hasattr(s, "__dataclass_fields__") else s for s in sections], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()

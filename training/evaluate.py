@@ -15,7 +15,6 @@ below 1 smoother. The same figures go to an MLflow run (`test_psnr_x4`, ...) wit
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -26,44 +25,16 @@ import torch
 
 from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, weights_hash
+from hndsr.evaluation import score
 from hndsr.images import encode_png, to_uint8
-from hndsr.metrics import detail_ratio, high_frequency_energy, psnr, ssim
+from hndsr.metrics import high_frequency_energy
 from hndsr.model import bicubic_upsample
+from hndsr.params import load_common, load_evaluate, params_hash
+from hndsr.splits import dataset_hash, load_pairs, to_float
 from training import tracking
-from training.config import load_common, load_evaluate, params_hash
-from training.data import dataset_hash, load_pairs, to_float
 from training.runtime import setup_runtime
 
 log = logging.getLogger("hndsr.evaluate")
-
-
-def _scores(output: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"psnr": psnr(output, hr), "ssim": ssim(output, hr), "detail_ratio": detail_ratio(output, hr)}
-
-
-def score(model, test: dict, *, steps: int, seed: int, batch_size: int, device, baselines: bool = True) -> dict:
-    """Mean PSNR / SSIM / detail ratio of `model` on `test` ({scale: pairs}) per scale, as
-    {"<scale>": {"psnr", "ssim", "detail_ratio", "tiles", and with `baselines` the prior_* and bicubic_*}}.
-    The batch starting at tile i samples with seed `seed + i`; noise is drawn on the CPU, so the figures do
-    not depend on the device."""
-    results = {}
-    for scale, pairs in test.items():
-        sums: dict[str, list[torch.Tensor]] = {}
-        for i in range(0, len(pairs.tile_ids), batch_size):
-            lr = to_float(pairs.lr[i : i + batch_size]).to(device)
-            hr = to_float(pairs.hr[i : i + batch_size]).to(device)
-            size = hr.shape[-2:]
-            outputs = {"": model.super_resolve(lr, scale, steps=steps, seed=seed + i, size=size)}
-            if baselines:
-                outputs["prior_"] = model.super_resolve(lr, scale, steps=0, size=size)
-                outputs["bicubic_"] = bicubic_upsample(lr, size)
-            for prefix, output in outputs.items():
-                for name, values in _scores(output.float(), hr).items():
-                    sums.setdefault(prefix + name, []).append(values.cpu())
-        results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}
-        results[f"{scale:g}"]["tiles"] = len(pairs.tile_ids)
-        log.info("scale %g: %s", scale, results[f"{scale:g}"])
-    return results
 
 
 def evaluate(params_path: str, report_dir: str = "reports") -> dict:
@@ -112,13 +83,3 @@ def _grid_rows(model, pairs, scale, steps, eparams, device) -> np.ndarray:
                model.super_resolve(lr, scale, steps=steps, seed=eparams.seed, size=size), hr]
     rows = [np.concatenate([to_uint8(c[i : i + 1])[0] for c in columns], axis=1) for i in range(len(chosen))]
     return np.concatenate(rows, axis=0)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument("--reports", default="reports", help="folder for the sample grid (default: %(default)s)")
-
-
-def main(args: argparse.Namespace) -> int:
-    evaluate(args.params, args.reports)
-    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.config import TrainCommon
+from hndsr.params import TrainCommon
 
 
 def setup_runtime(common: TrainCommon) -> tuple[torch.device, bool]:

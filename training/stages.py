@@ -8,7 +8,6 @@ trial's checkpoint to `models/<stage>/` (config.json + model.safetensors + metri
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -22,10 +21,11 @@ from hndsr.atomic import atomic_directory, atomic_write_bytes
 from hndsr.checkpoint import UPSTREAM, load_network, save_network, upstream_hashes
 from hndsr.checkpoint import check_upstream as check_lineage
 from hndsr.model import HNDSR
+from hndsr.params import load_common, params_hash
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
+from hndsr.splits import dataset_hash, load_hr_tiles, load_pairs
 from training import tracking
-from training.config import STAGE_NAMES, load_common, load_stage, params_hash
-from training.data import dataset_hash, load_hr_tiles, load_pairs
+from training.config import load_stage
 from training.runtime import setup_runtime
 from training.study import create_study, log_study_plots, run_study
 from training.trainers import TRAINERS, Context, choose_sampling
@@ -115,13 +115,3 @@ def run_stage(stage: str, params_path: str) -> dict:
 
 def _trial(trainer, params, ctx, hp, report, seed):
     return trainer(params, hp, ctx, report, seed)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("stage", choices=STAGE_NAMES, help="which network to train (upstream ones must exist)")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-
-
-def main(args: argparse.Namespace) -> int:
-    run_stage(args.stage, args.params)
-    return 0

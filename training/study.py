@@ -14,6 +14,7 @@ from collections.abc import Callable
 import optuna
 import torch
 
+from hndsr.errors import UserError
 from training import tracking
 from training.config import SearchParam, StageParams
 from training.trainers import TrialResult
@@ -21,7 +22,7 @@ from training.trainers import TrialResult
 log = logging.getLogger("hndsr.study")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A training stage could not produce a model; the message says why."""
 
 

@@ -1,8 +1,8 @@
 """The one module that talks to MLflow tracking.
 
-Tracking URI: `MLFLOW_TRACKING_URI`, default `sqlite:///mlflow.db` in the current folder (the repository root
-under DVC) with artifacts in `mlartifacts/`. One experiment; each stage execution is one run tagged with the
-stage, git commit, dataset hash and params hash; every Optuna trial is a nested run under it. Metric names
+Tracking URI: `hndsr.provenance` (`MLFLOW_TRACKING_URI`, default `sqlite:///mlflow.db` in the current
+folder, the repository root under DVC, with artifacts in `mlartifacts/`). One experiment; each stage execution
+is one run tagged with the stage, git commit, dataset hash and params hash; every Optuna trial is a nested run under it. Metric names
 are the same in every run (`val_psnr`, `train_loss`, ...), so the UI's compare view lines them up.
 """
 
@@ -10,40 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+from hndsr.provenance import git_commit, local_artifact_location, tracking_uri
+
 log = logging.getLogger("hndsr.tracking")
 
-DEFAULT_DB = "mlflow.db"
-DEFAULT_ARTIFACTS = "mlartifacts"
 
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        commit = out.stdout.strip()
-        if out.returncode != 0 or not commit:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return f"{commit}-dirty" if dirty else commit
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _experiment_id(mlflow, name: str, *, local_default: bool) -> str:
+def _experiment_id(mlflow, name: str, artifact_location: str | None) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    # The local default keeps artifacts beside mlflow.db; a tracking server decides for itself.
-    artifact_location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if local_default else None
     return mlflow.create_experiment(name, artifact_location=artifact_location)
 
 
@@ -52,9 +30,9 @@ def stage_run(stage: str, *, experiment: str, tags: dict[str, str], params: dict
     """Open the run of one stage execution; yields its run id. The run ends FAILED if the block raises."""
     import mlflow
 
-    local_default = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports it
+    artifact_location = local_artifact_location()  # read first: set_tracking_uri exports the variable
     mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = _experiment_id(mlflow, experiment, local_default=local_default)
+    experiment_id = _experiment_id(mlflow, experiment, artifact_location)
     mlflow.set_experiment(experiment_id=experiment_id)  # nested trial runs go to the active experiment
     all_tags = {"stage": stage, "git_commit": git_commit(), **tags}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:

@@ -33,8 +33,9 @@ from hndsr.networks import (
     UNetConfig,
 )
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
+from hndsr.splits import PairSet, to_float
 from training.config import DiffusionExtras, StageParams
-from training.data import CropSampler, PairSet, to_float
+from training.data import CropSampler
 
 log = logging.getLogger("hndsr.train")
 

@@ -285,7 +285,7 @@ def test_gate_checks_in_isolation():
 
     from registry import gate
     from registry.config import PromoteParams
-    from registry.promote import scores_from_tags
+    from registry.store import scores_from_tags
 
     params = PromoteParams(min_gain_over_bicubic=0.2, max_psnr_regression=0.05, latency_budget_ms=1.0)
     scores = {"2": {"psnr": 30.5, "bicubic_psnr": 30.0, "ssim": 0.9}, "2.5": {"psnr": 30.1, "bicubic_psnr": 30.0,

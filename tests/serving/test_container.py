@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.code_graph import pyproject
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "mlflow" / "docker-compose.yml"
 
@@ -40,12 +42,17 @@ def test_compose_wires_tracking_storage_and_a_gpu_server():
     assert not (REPO / "mlflow" / "__init__.py").exists()  # would shadow the mlflow package
 
 
-def test_dockerfile_is_minimal_non_root_and_health_checked():
+def test_dockerfile_is_minimal_locked_non_root_and_health_checked():
     text = (REPO / "serving" / "Dockerfile").read_text()
     base = text.split("ARG BASE=", 1)[1].splitlines()[0]
-    assert base.startswith("pytorch/pytorch:") and "cuda" in base and "runtime" in base
-    assert "['optional-dependencies']['serve']" in text and "pip install --no-deps ." in text
+    assert base.startswith("python:3.11")  # the Python the lock files are resolved for
+    # The serve extra's lock, hash-checked; torch at the version pyproject.toml pins; the project without deps.
+    assert "pip install --require-hashes --no-deps -r requirements/serve.txt" in text
+    torch_pin = next(d for d in pyproject()["project"]["optional-dependencies"]["serve"] if d.startswith("torch"))
+    assert f'ARG TORCH_SPEC="{torch_pin}"' in text and "pip install ${TORCH_SPEC}" in text
+    assert "pip install --no-deps --no-build-isolation ." in text
     assert "\nUSER hndsr" in text and "HEALTHCHECK" in text and "/readyz" in text
     assert 'ENTRYPOINT ["hndsr", "serve"' in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "data", "models", "mlflow.db"} <= set(ignored)
+    assert "requirements" not in ignored

@@ -199,6 +199,9 @@ def _gif() -> bytes:
      422, "missing_scale"),
     ("wrong content type", lambda u: httpx.post(f"{u}/v1/super-resolve", content=png(8, 8),
                                                 headers={"content-type": "image/png"}), 415, "not_multipart"),
+    ("malformed multipart", lambda u: httpx.post(f"{u}/v1/super-resolve", content=b"\0" * 1000,
+                                                 headers={"content-type": "multipart/form-data; boundary=x"}), 400,
+     "bad_multipart"),
     ("empty body", lambda u: httpx.post(f"{u}/v1/super-resolve", content=b"",
                                         headers={"content-type": "multipart/form-data; boundary=x"}), 400,
      "empty_body"),
@@ -212,13 +215,15 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, mak
 
 
 def test_upload_limit_is_enforced_while_streaming(server):
-    """A chunked body (no Content-Length) that passes the limit is refused before it ends: we send 400 kB of a
-    body that never finishes, and the 413 must still come back."""
+    """A chunked body (no Content-Length) that passes the limit is refused before it ends: we send a file part
+    of 400 kB that never finishes, and the 413 must still come back."""
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         sock.sendall(b"POST /v1/super-resolve HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        sock.sendall(f"{len(head):x}\r\n".encode() + head + b"\r\n")
         chunk = b"\0" * 100_000
         for _ in range(4):
             sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
@@ -324,6 +329,7 @@ def test_unloadable_model_exits_non_zero_with_the_reason(tmp_path):
 def test_hot_reload_follows_the_alias(tmp_path, realsat):
     from mlflow import MlflowClient
 
+    from registry.promote import PYFUNC_FILE
     from registry.store import Registry
     from tests.registry.conftest import start_mlflow_server
 
@@ -332,8 +338,9 @@ def test_hot_reload_follows_the_alias(tmp_path, realsat):
         env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
         os.environ.update(env)
         registry = Registry("served", mlflow_server.uri)
-        versions = [registry.register(write_model(tmp_path / f"m{i}" / "checkpoints", seed=i), experiment="serving-test", tags={},
-                                      run_tags={}, signature=None, input_example=None, pip_requirements=["torch"])
+        versions = [registry.register(write_model(tmp_path / f"m{i}" / "checkpoints", seed=i), python_model=PYFUNC_FILE,
+                                      experiment="serving-test", tags={}, run_tags={}, signature=None,
+                                      input_example=None, pip_requirements=["torch"])
                     for i in range(2)]
         client = MlflowClient(mlflow_server.uri)
         client.set_registered_model_alias("served", "production", versions[0].version)
@@ -353,8 +360,8 @@ def test_hot_reload_follows_the_alias(tmp_path, realsat):
             # A version that cannot be loaded: logged, and version 2 keeps serving.
             broken = write_model(tmp_path / "m2" / "checkpoints", seed=2)
             (broken / "diffusion" / "model.safetensors").write_bytes(b"not safetensors")
-            bad = registry.register(broken, experiment="serving-test", tags={}, run_tags={}, signature=None,
-                                    input_example=None, pip_requirements=["torch"])
+            bad = registry.register(broken, python_model=PYFUNC_FILE, experiment="serving-test", tags={},
+                                    run_tags={}, signature=None, input_example=None, pip_requirements=["torch"])
             client.set_registered_model_alias("served", "production", bad.version)
             time.sleep(3)
             assert httpx.get(f"{s.url}/v1/model").json()["version"] == "2"

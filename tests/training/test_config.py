@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from hndsr.config import ConfigError
-from training.config import STAGE_NAMES, load_common, load_evaluate, load_stage
+from hndsr.params import load_common, load_evaluate
+from training.config import STAGE_NAMES, load_stage
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "profiles/gpu.yaml"])

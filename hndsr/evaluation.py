@@ -1,0 +1,44 @@
+"""Scoring a model on stored HR/LR pairs: the figures the evaluate stage reports and the promotion gate
+compares (PSNR, SSIM and detail ratio per scale, with the prior alone and bicubic as baselines)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hndsr.metrics import detail_ratio, psnr, ssim
+from hndsr.model import bicubic_upsample
+from hndsr.splits import PairSet, to_float
+
+log = logging.getLogger("hndsr.evaluate")
+
+
+def _scores(output: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"psnr": psnr(output, hr), "ssim": ssim(output, hr), "detail_ratio": detail_ratio(output, hr)}
+
+
+def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_size: int, device,
+          baselines: bool = True) -> dict:
+    """Mean PSNR / SSIM / detail ratio of `model` on `test` ({scale: pairs}) per scale, as
+    {"<scale>": {"psnr", "ssim", "detail_ratio", "tiles", and with `baselines` the prior_* and bicubic_*}}.
+    The batch starting at tile i samples with seed `seed + i`; noise is drawn on the CPU, so the figures do
+    not depend on the device."""
+    results = {}
+    for scale, pairs in test.items():
+        sums: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(pairs.tile_ids), batch_size):
+            lr = to_float(pairs.lr[i : i + batch_size]).to(device)
+            hr = to_float(pairs.hr[i : i + batch_size]).to(device)
+            size = hr.shape[-2:]
+            outputs = {"": model.super_resolve(lr, scale, steps=steps, seed=seed + i, size=size)}
+            if baselines:
+                outputs["prior_"] = model.super_resolve(lr, scale, steps=0, size=size)
+                outputs["bicubic_"] = bicubic_upsample(lr, size)
+            for prefix, output in outputs.items():
+                for name, values in _scores(output.float(), hr).items():
+                    sums.setdefault(prefix + name, []).append(values.cpu())
+        results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}
+        results[f"{scale:g}"]["tiles"] = len(pairs.tile_ids)
+        log.info("scale %g: %s", scale, results[f"{scale:g}"])
+    return results

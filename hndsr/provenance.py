@@ -1,0 +1,42 @@
+"""Where the pipeline records runs and which code made them: the MLflow tracking URI with its local default,
+and the git commit. Training (runs) and the registry (versions) both tag with these; neither imports the other.
+
+Tracking URI: `MLFLOW_TRACKING_URI`, default `sqlite:///mlflow.db` in the current folder (the repository root
+under DVC) with artifacts in `mlartifacts/` beside it. This module only names places; it does not import MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def local_artifact_location() -> str | None:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside the local default database, or None
+    (the tracking server decides) when MLFLOW_TRACKING_URI is set. Read it before `mlflow.set_tracking_uri`,
+    which exports that variable."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+
+
+def git_commit() -> str:
+    """HEAD's commit (`<sha>-dirty` with uncommitted changes to tracked files), or `unknown` outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = out.stdout.strip()
+        if out.returncode != 0 or not commit:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

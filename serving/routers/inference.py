@@ -1,0 +1,92 @@
+"""The model API: what is being served (`GET /v1/model`) and super-resolution (`POST /v1/super-resolve`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from hndsr.degradation import hr_size
+from hndsr.images import ImageDecodeError, decode_rgb, encode_png
+from serving.engine import DeadlineExceeded, Overloaded
+from serving.errors import ClientError, image_error
+from serving.state import StateDep, require_api_key
+from serving.upload import read_upload
+
+router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)],
+                   responses={401: {"description": "API key needed"}})
+
+UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object",
+            "required": ["file", "scale"],
+            "properties": {
+                "file": {"type": "string", "format": "binary", "description": "PNG, JPEG or TIFF image"},
+                "scale": {"type": "number", "description": "scale factor within the model's range, e.g. 4 or 2.5"},
+                "steps": {"type": "integer", "minimum": 0,
+                          "description": "DDIM steps; 0 = prior only; default: the model's validated default"},
+                "seed": {"type": "integer", "minimum": 0, "description": "sampling seed (default 0)"},
+            },
+        }}},
+    },
+    "responses": {"200": {"description": "the super-resolved image", "content": {"image/png": {}}}},
+}
+
+
+@router.get("/model", summary="the model being served")
+async def model_info(state: StateDep) -> JSONResponse:
+    if state.model is None:
+        raise ClientError(503, "not_ready", "no model is loaded yet; retry shortly", {"Retry-After": "5"})
+    return JSONResponse(state.model.info)
+
+
+@router.post("/super-resolve", summary="super-resolve one image", openapi_extra=UPLOAD_SCHEMA,
+             response_class=Response, responses={
+                 400: {"description": "bad input"}, 413: {"description": "too large"},
+                 415: {"description": "not multipart or not an image"}, 422: {"description": "bad parameter"},
+                 503: {"description": "busy; retry after Retry-After"}, 504: {"description": "deadline passed"}})
+async def super_resolve(request: Request, state: StateDep) -> Response:
+    settings = state.settings
+    if state.draining or state.engine is None or state.model is None:
+        raise ClientError(503, "not_ready", "the server is shutting down or not ready; retry elsewhere",
+                          {"Retry-After": "5"})
+    upload = await read_upload(request, settings.max_upload_bytes)
+    model = state.model  # captured now: a hot swap never changes the model of a request in flight
+    scale, seed = upload.scale, upload.seed
+    low, high = model.model.min_scale, model.model.max_scale
+    if not low <= scale <= high:
+        raise ClientError(422, "scale_out_of_range", f"scale must be between {low:g} and {high:g}, got {scale:g}")
+    steps = model.model.defaults.steps if upload.steps is None else upload.steps
+    if steps > settings.max_steps:
+        raise ClientError(422, "steps_out_of_range", f"steps must be between 0 and {settings.max_steps}, got {steps}")
+    try:
+        pixels = await asyncio.to_thread(decode_rgb, upload.image, max_pixels=settings.max_input_pixels)
+    except ImageDecodeError as exc:
+        raise image_error(exc) from None
+    out_h, out_w = hr_size(pixels.shape[0], scale), hr_size(pixels.shape[1], scale)
+    if out_h * out_w > settings.max_output_pixels:
+        raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
+                          f"pixels, above the limit of {settings.max_output_pixels}; use a smaller image or scale")
+    start = time.perf_counter()
+    try:
+        job = state.engine.submit(model, pixels, scale, steps, seed, settings.deadline_s)
+    except Overloaded as exc:
+        raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
+    try:
+        output = await asyncio.wrap_future(job.future)
+    except DeadlineExceeded as exc:
+        raise ClientError(504, "deadline_exceeded", f"{exc} ({settings.deadline_s:g} s)") from None
+    except Overloaded as exc:
+        raise ClientError(503, "overloaded", str(exc), {"Retry-After": "5"}) from None
+    elapsed = time.perf_counter() - start
+    body = await asyncio.to_thread(encode_png, output)
+    state.metrics.images.inc()
+    state.metrics.pixels.inc(out_h * out_w)
+    return Response(body, media_type="image/png", headers={
+        "X-Model-Version": str(model.info["version"]), "X-Model-Alias": str(model.info.get("alias") or ""),
+        "X-Inference-Time-Ms": f"{elapsed * 1000:.1f}", "X-Output-Size": f"{out_w}x{out_h}",
+        "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed)})
