@@ -1,0 +1,1 @@
+"""The MLflow Model Registry: registering candidates, the quality gate, aliases, rollback (`store.py` talks to MLflow)."""

@@ -1,0 +1,1 @@
+"""The HTTP server (FastAPI + uvicorn) that serves the registered model, and its inference engine."""
