@@ -285,7 +285,7 @@ def test_gate_checks_in_isolation():
 
     from registry import gate
     from registry.config import PromoteParams
-    from registry.store import scores_from_tags
+    from registry.store import eval_tags, scores_from_tags
 
     params = PromoteParams(min_gain_over_bicubic=0.2, max_psnr_regression=0.05, latency_budget_ms=1.0)
     scores = {"2": {"psnr": 30.5, "bicubic_psnr": 30.0, "ssim": 0.9}, "2.5": {"psnr": 30.1, "bicubic_psnr": 30.0,
@@ -298,6 +298,8 @@ def test_gate_checks_in_isolation():
     assert not gate.no_regression({"2": scores["2"]}, scores, "7", params).passed  # x2.5 not evaluated
     tags = {"eval.x2.5.psnr": "30.1", "eval.x2.psnr": "30.5", "eval.steps": "4", "dataset_hash": "x"}
     assert scores_from_tags(tags) == {"2.5": {"psnr": 30.1}, "2": {"psnr": 30.5}}
+    assert scores_from_tags(eval_tags(scores, ("psnr", "bicubic_psnr"))) == {  # the tag format round-trips
+        s: {"psnr": v["psnr"], "bicubic_psnr": v["bicubic_psnr"]} for s, v in scores.items()}
 
     class Broken:
         defaults = type("D", (), {"steps": 1})()
