@@ -1,12 +1,16 @@
 """Load test of the HTTP server, side by side with `mlflow models serve` on the same registered version.
 
-    python benchmarks/serve_load.py [--model-uri models:/hndsr@production] [--requests 24]
-                                    [--concurrency 1 4 16] [--size 64] [--scale 4] [--steps DEFAULT]
+    python benchmarks/serve_load.py [--model-uri models:/hndsr@production] [--sizes 64 128 256 512]
+                                    [--concurrency 1 8] [--requests 16] [--scale 4] [--steps DEFAULT]
 
-Starts both servers as processes on loopback ports (MLFLOW_TRACKING_URI, default the local mlflow.db), sends
-the same request (a --size x --size crop of a real Blue Marble image, --scale, the model's default DDIM steps,
-seed 0) --requests times at each concurrency level, and prints throughput and p50/p95/p99 latency per server
-and level, plus the share of answers that were not 200. Needs a registered model (`make repro`).
+Starts both servers as processes on loopback ports with their defaults (MLFLOW_TRACKING_URI, default the local
+mlflow.db; `mlflow models serve` as MLflow runs the registered pyfunc: float32, whole image, one worker), then
+for every input size and concurrency level sends the same request (a size x size crop of a real Blue Marble
+image, --scale, the model's default DDIM steps, seed 0) to each server in turn, and prints throughput, p50 /
+p95 / p99 latency and the share of answers that were not 200, then a table of the throughput ratio
+(hndsr serve / mlflow models serve). Requests per level: --requests at 128 px, scaled by the pixel count for
+other sizes, at least 8 and at least the concurrency; where there are at least twice as many as the concurrency,
+each server gets two alternating rounds of half of them, so a drift in the machine's speed favours neither. Needs a registered model (`make repro`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _image(size: int) -> bytes:
 
     from hndsr.images import encode_png
 
-    reference = np.asarray(Image.open(REPO / "registry" / "reference_lr.png").convert("RGB"))
+    reference = np.asarray(Image.open(REPO / "hndsr" / "reference_lr.png").convert("RGB"))
     tiles = np.tile(reference, (size // 64 + 1, size // 64 + 1, 1))
     return encode_png(np.ascontiguousarray(tiles[:size, :size]))
 
@@ -63,7 +67,8 @@ def _start(args: list[str], ready_url: str, env: dict[str, str], log: Path) -> s
     sys.exit(f"{' '.join(args[:3])} not ready after 300 s: {log.read_text()[-2000:]}")
 
 
-def _load(send, requests: int, concurrency: int) -> dict:
+def _load(send, requests: int, concurrency: int) -> tuple[list[float], list[int], float]:
+    """`requests` requests from `concurrency` client threads: (latencies, status codes, wall seconds)."""
     latencies, codes, lock = [], [], threading.Lock()
     counter = iter(range(requests))
 
@@ -86,61 +91,97 @@ def _load(send, requests: int, concurrency: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return latencies, codes, time.perf_counter() - start
+
+
+def _summary(rounds: list[tuple[list[float], list[int], float]]) -> dict:
+    latencies = [lat for r in rounds for lat in r[0]]
+    codes = [code for r in rounds for code in r[1]]
+    wall = sum(r[2] for r in rounds)
     ok = [lat for lat, code in zip(latencies, codes, strict=True) if code == 200]
     q = statistics.quantiles(ok, n=100, method="inclusive") if len(ok) > 1 else [ok[0] if ok else float("nan")] * 99
     return {"throughput": len(ok) / wall, "p50": q[49], "p95": q[94], "p99": q[98],
             "not_ok": 1 - len(ok) / len(codes)}
 
 
+def requests_for(size: int, base: int, concurrency: int) -> int:
+    return max(8, concurrency, round(base * (128 / size) ** 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", default="models:/hndsr@production")
-    parser.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--size", type=int, default=64, help="LR edge in pixels")
+    parser.add_argument("--requests", type=int, default=16, help="requests per level at 128 px (scaled by size)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512], help="LR edges in pixels")
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's default)")
     args = parser.parse_args()
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
-    image = _image(args.size)
     logs = Path(tempfile.mkdtemp(prefix="serve-load-"))
     ours_port, mlflow_port = _free_port(), _free_port()
     ours = _start([str(BIN / "hndsr"), "serve", "--port", str(ours_port)], f"http://127.0.0.1:{ours_port}/readyz",
                   {**env, "MODEL_URI": args.model_uri, "HNDSR_POLL_S": "0"}, logs / "hndsr.log")
-    info = httpx.get(f"http://127.0.0.1:{ours_port}/v1/model").json()
-    steps = info["default_steps"] if args.steps is None else args.steps
-    theirs = _start([str(BIN / "mlflow"), "models", "serve", "-m", args.model_uri, "--env-manager", "local",
-                     "-h", "127.0.0.1", "-p", str(mlflow_port), "-w", "1", "-t", "600"],
-                    f"http://127.0.0.1:{mlflow_port}/ping", env, logs / "mlflow.log")
-    payload = {"dataframe_split": {"columns": ["image", "scale", "steps", "seed"],
-                                   "data": [[base64.b64encode(image).decode(), args.scale, steps, 0]]}}
-
-    def send_ours(client: httpx.Client) -> int:
-        files = {"file": ("in.png", image, "image/png")}
-        data = {"scale": str(args.scale), "steps": str(steps), "seed": "0"}
-        return client.post(f"http://127.0.0.1:{ours_port}/v1/super-resolve", files=files, data=data).status_code
-
-    def send_mlflow(client: httpx.Client) -> int:
-        return client.post(f"http://127.0.0.1:{mlflow_port}/invocations", json=payload).status_code
-
-    print(f"model {args.model_uri} (version {info['version']}) on {info['device']}; {args.size}x{args.size} input "
-          f"at x{args.scale:g}, {steps} DDIM steps; {args.requests} requests per level; torch threads "
-          f"{os.cpu_count()} cores")
-    print(f"{'server':<22} {'concurrency':>11} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'not 200':>8}")
+    theirs = None
     try:
-        for concurrency in args.concurrency:
-            for name, send in (("hndsr serve", send_ours), ("mlflow models serve", send_mlflow)):
-                send(httpx.Client(timeout=600))  # warm
-                r = _load(send, args.requests, concurrency)
-                print(f"{name:<22} {concurrency:>11} {r['throughput']:>7.2f} {r['p50']:>7.2f} {r['p95']:>7.2f} "
-                      f"{r['p99']:>7.2f} {r['not_ok']:>8.0%}", flush=True)
+        info = httpx.get(f"http://127.0.0.1:{ours_port}/v1/model").json()
+        steps = info["default_steps"] if args.steps is None else args.steps
+        theirs = _start([str(BIN / "mlflow"), "models", "serve", "-m", args.model_uri, "--env-manager", "local",
+                         "-h", "127.0.0.1", "-p", str(mlflow_port), "-w", "1", "-t", "600"],
+                        f"http://127.0.0.1:{mlflow_port}/ping", env, logs / "mlflow.log")
+        engine, inference = info["engine"], info["inference"]
+        print(f"model {args.model_uri} (version {info['version']}) on {info['device']}; x{args.scale:g}, {steps} DDIM "
+              f"steps; {os.cpu_count()} cores. hndsr serve: {inference['precision']}"
+              f"{', compiled UNet' if inference['compiled'] else ''}, passes of up to {engine['pass_megapixels']:g} "
+              f"output MP, up to {engine['max_batch']} tiles per pass; mlflow models serve: float32, whole image")
+        print(f"{'size':>5} {'server':<20} {'concurrency':>11} {'requests':>8} {'req/s':>7} {'p50 s':>7} "
+              f"{'p95 s':>7} {'p99 s':>7} {'not 200':>8}")
+        ratios: dict[tuple[int, int], float] = {}
+        for size in args.sizes:
+            image = _image(size)
+            payload = {"dataframe_split": {"columns": ["image", "scale", "steps", "seed"],
+                                           "data": [[base64.b64encode(image).decode(), args.scale, steps, 0]]}}
+
+            def send_ours(client: httpx.Client, image=image) -> int:
+                files = {"file": ("in.png", image, "image/png")}
+                data = {"scale": str(args.scale), "steps": str(steps), "seed": "0"}
+                return client.post(f"http://127.0.0.1:{ours_port}/v1/super-resolve", files=files,
+                                   data=data).status_code
+
+            def send_mlflow(client: httpx.Client, payload=payload) -> int:
+                return client.post(f"http://127.0.0.1:{mlflow_port}/invocations", json=payload).status_code
+
+            for concurrency in args.concurrency:
+                requests = requests_for(size, args.requests, concurrency)
+                # Two rounds each, alternating servers, so a drift in the machine's speed (seen here: +-15 % over
+                # minutes) does not favour either.
+                senders = {"hndsr serve": send_ours, "mlflow models serve": send_mlflow}
+                rounds: dict[str, list] = {name: [] for name in senders}
+                for send in senders.values():
+                    with httpx.Client(timeout=600) as client:
+                        send(client)  # warm
+                halves = [requests // 2, requests - requests // 2] if requests >= 2 * concurrency else [requests]
+                for half in halves:
+                    for name, send in senders.items():
+                        rounds[name].append(_load(send, half, concurrency))
+                rates = {}
+                for name in senders:
+                    r = _summary(rounds[name])
+                    rates[name] = r["throughput"]
+                    print(f"{size:>5} {name:<20} {concurrency:>11} {requests:>8} {r['throughput']:>7.2f} "
+                          f"{r['p50']:>7.2f} {r['p95']:>7.2f} {r['p99']:>7.2f} {r['not_ok']:>8.0%}", flush=True)
+                ratios[size, concurrency] = rates["hndsr serve"] / rates["mlflow models serve"]
+        print("\nthroughput ratio, hndsr serve / mlflow models serve:")
+        print(f"{'size':>5} " + " ".join(f"{'c' + str(c):>7}" for c in args.concurrency))
+        for size in args.sizes:
+            print(f"{size:>5} " + " ".join(f"{ratios[size, c]:>7.2f}" for c in args.concurrency))
     finally:
         for process in (ours, theirs):
-            process.terminate()
-            process.wait(timeout=60)
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=60)
 
 
 if __name__ == "__main__":

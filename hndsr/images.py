@@ -110,10 +110,13 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 array as PNG bytes, deterministically (no metadata, fixed settings)."""
+def encode_png(rgb: np.ndarray, compress_level: int = 6) -> bytes:
+    """Encode an (H, W, 3) uint8 array as PNG bytes, deterministically (no metadata, fixed settings).
+
+    `compress_level` is zlib's 0..9; the pixels are the same at every level. Level 6 (the default, used for
+    stored data) is 5 times slower than level 1 on a 512x512 model output (86 vs 17 ms) for 13 % fewer bytes."""
     buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 

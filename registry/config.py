@@ -23,7 +23,7 @@ class PromoteParams:
     # max_out_of_range of its values more than range_margin outside [0, 1].
     range_margin: float = 0.05
     max_out_of_range: float = 0.001
-    # Median latency of the reference input (registry/reference_lr.png, 64x64) at reference_scale with the
+    # Median latency of the reference input (hndsr/reference_lr.png, 64x64) at reference_scale with the
     # model's default DDIM steps, over latency_repeats runs after one warm-up; budget in milliseconds.
     reference_scale: float = 4.0
     latency_repeats: int = 3

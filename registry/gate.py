@@ -16,13 +16,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
+from hndsr.reference import reference_input
 from registry.config import PromoteParams
-
-REFERENCE_IMAGE = Path(__file__).with_name("reference_lr.png")  # 64x64 crop of NASA Blue Marble (Nile valley)
 
 
 @dataclass
@@ -34,12 +32,6 @@ class Check:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def reference_input() -> torch.Tensor:
-    from hndsr.images import decode_rgb, to_tensor
-
-    return to_tensor(decode_rgb(REFERENCE_IMAGE.read_bytes(), max_pixels=64 * 64))
 
 
 def beats_bicubic(scores: dict[str, dict], params: PromoteParams) -> Check:

@@ -30,6 +30,7 @@ from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, weights_hash
 from hndsr.params import load_common, load_evaluate, load_params, params_hash
 from hndsr.provenance import git_commit
+from hndsr.reference import reference_input
 from registry import gate
 from registry.config import PromoteParams, load_promote
 from registry.store import Registry, RegistryError, Version, eval_tags, redact, scores_from_tags
@@ -107,7 +108,7 @@ def _pyfunc_signature_and_example():
     inputs = Schema([ColSpec("string", "image"), ColSpec("double", "scale"),
                      ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)])
     outputs = Schema([ColSpec("string", "image"), ColSpec("long", "height"), ColSpec("long", "width")])
-    crop = to_uint8(gate.reference_input()[..., :32, :32])[0]
+    crop = to_uint8(reference_input()[..., :32, :32])[0]
     example = pd.DataFrame([{"image": base64.b64encode(encode_png(crop)).decode("ascii"), "scale": 4.0,
                              "steps": 0, "seed": 0}])
     return ModelSignature(inputs=inputs, outputs=outputs), example

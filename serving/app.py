@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 
-from serving import loader
-from serving.engine import Engine
+from hndsr.degradation import hr_size
+from serving import acceleration, loader
+from serving.engine import Engine, smallest_tile
 from serving.errors import error_response, install_handlers
 from serving.routers import health, inference, metrics
 from serving.settings import Settings, load_settings
@@ -40,16 +41,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        acceleration.keep_freed_memory()
         try:
             device = loader.pick_device(settings.device)
-            state.model = await asyncio.to_thread(loader.load, settings.model_uri, device)
+            max_batch = acceleration.default_max_batch(settings.max_batch, device)
+            state.model = await asyncio.to_thread(loader.load, settings.model_uri, device, **_load_options(settings))
+            budget = acceleration.pass_megapixels(settings.pass_megapixels, state.model.model, device,
+                                                  state.model.acceleration)
+            pass_pixels = int(budget * 1e6)
+            smallest = hr_size(smallest_tile(settings.tile_overlap), state.model.model.max_scale) ** 2
+            if smallest > pass_pixels:
+                raise loader.ModelLoadError(
+                    f"HNDSR_PASS_MEGAPIXELS={budget:g} is too small: the smallest tile at the model's largest "
+                    f"scale (x{state.model.model.max_scale:g}) has {smallest / 1e6:.3f} output megapixels")
         except loader.ModelLoadError as exc:
             log.error("cannot load the model, not starting: %s", exc)
             raise
         state.metrics.set_model(state.model.info)
-        state.engine = Engine(device, tile=settings.tile, overlap=settings.tile_overlap,
-                              max_batch=settings.max_batch, max_queue_pixels=settings.max_queue_pixels,
+        workers = acceleration.default_workers(settings.workers, device)
+        state.engine = Engine(device, pass_pixels=pass_pixels, overlap=settings.tile_overlap, max_batch=max_batch,
+                              workers=workers, max_queue_pixels=settings.max_queue_pixels,
                               on_batch=state.metrics.batch_size.observe)
+        log.info("engine on %s: passes of up to %.2f output megapixels (an image whose output fits is one tile), "
+                 "up to %d tiles per pass, %d passes in flight, tile overlap %d px", device, budget, max_batch,
+                 workers, settings.tile_overlap)
         state.ready = True
         poller = asyncio.create_task(_poll(state)) if settings.poll_s > 0 else None
         try:
@@ -94,7 +109,8 @@ async def _poll(state: State) -> None:
             if version is None or state.model is None or version == str(state.model.info["version"]):
                 continue
             log.info("%s now points to version %s; loading it", settings.model_uri, version)
-            new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version)
+            new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
+                                          **_load_options(settings))
             state.model = new  # requests admitted earlier keep the model they captured
             state.metrics.set_model(new.info)
             log.info("now serving version %s", version)
@@ -103,3 +119,9 @@ async def _poll(state: State) -> None:
         except Exception as exc:  # the old model keeps serving
             log.error("hot reload failed, still serving version %s: %s",
                       state.model.info["version"] if state.model else "?", exc)
+
+
+def _load_options(settings: Settings) -> dict:
+    device = loader.pick_device(settings.device)
+    return {"precision": settings.precision, "compile": settings.compile, "min_psnr_db": settings.min_psnr_db,
+            "max_batch": acceleration.default_max_batch(settings.max_batch, device)}

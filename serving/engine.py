@@ -1,22 +1,33 @@
-"""The inference engine: tiles, batching across requests, admission by a pixel budget, deadlines.
+"""The inference engine: tile plans, batching across requests, admission by a pixel budget, deadlines.
 
-A request's LR image is cut into `tile` x `tile` tiles overlapping by `overlap` pixels (smaller images are
-one tile). Each tile is super-resolved to its HR size by the size rule and the tiles are blended back with a
-smooth (raised-cosine) window over the overlaps, so memory per request is bounded by the tile, not the image.
-Tiles of all requests wait in one queue; one worker thread per device takes up to `max_batch` tiles that
-share model, scale and DDIM steps and runs them as one batch. Every tile samples with its own seed (derived
-from the request's seed and the tile's position), so a result does not depend on what it was batched with:
-the same image, scale, steps and seed give the same output, alone or under load.
+Tile plan (`plan_tiles`): the memory budget is `pass_pixels`, the most output pixels one forward pass works on.
+A request whose output fits is one tile: the whole image, exactly what the model computes for it. A larger
+image gets the fewest tiles the budget allows, and among plans with that many tiles the one that computes the
+fewest pixels; tile edges come from the fixed ladder `TILE_EDGES` (an axis that fits in one tile takes the
+image's length), so tiles of many images share shapes, batch together and keep compiled graphs static.
+Neighbouring tiles overlap by at least `overlap` LR pixels and are blended with a smooth (raised-cosine) window
+over the overlaps.
+
+Tiles of all requests wait in one queue; `workers` threads per device each take tiles that share model, scale,
+DDIM steps and tile shape, up to `max_batch` of them and `pass_pixels` output pixels, and run them as one
+batch; on the CPU two passes in flight fill each other's serial gaps (Fourier transforms, Python between
+operators). Every tile samples with its own seed (derived from the request's seed and the tile's position), so a
+result does not depend on what it was batched with: the same image, scale, steps and seed give the same output,
+alone or under load.
+
+Arithmetic: a batch runs in the precision the model was admitted with at load (`LoadedModel.acceleration`,
+chosen and checked against float32 by serving/acceleration.py): bfloat16 autocast, or float32.
 
 Admission: a request is accepted while the output pixels of everything queued or running stay within
 `max_queue_pixels`; otherwise `Overloaded` (the server answers 503 with Retry-After). Deadlines are checked
 before each batch and between DDIM steps; a batch whose requests have all expired is abandoned.
-On CUDA a batch runs in half precision (bfloat16 autocast) and an out-of-memory error frees the cache and
-retries with half the batch, down to one tile, before the request fails with `Overloaded`.
+On CUDA an out-of-memory error frees the cache and retries with half the batch, down to one tile, before the
+request fails with `Overloaded`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -32,6 +43,7 @@ import torch
 
 from hndsr.degradation import hr_size
 from hndsr.images import to_tensor, to_uint8
+from serving.acceleration import Acceleration
 
 log = logging.getLogger("hndsr.serving")
 
@@ -52,16 +64,58 @@ class Tile:
     width: int
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
-    """Tiles covering an LR image, `tile` px wide, overlapping by at least `overlap`; the last ones flush."""
-    def starts(length: int) -> list[int]:
-        if length <= tile:
+# LR tile edges a tiled image may use (besides an axis's own length): a short geometric ladder (x1.5, x4/3).
+TILE_EDGES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def tile_count(length: int, edge: int, overlap: int) -> int:
+    """How many tiles of `edge` px cover `length` px with neighbours overlapping by at least `overlap`."""
+    return 1 if edge >= length else math.ceil((length - overlap) / (edge - overlap))
+
+
+def tile_shape(height: int, width: int, scale: float, pass_pixels: int, overlap: int) -> tuple[int, int]:
+    """The LR tile shape for an image: the whole image if its output fits `pass_pixels`; else the shape from the
+    ladder (or an axis's own length) whose output fits and that needs the fewest tiles, then the fewest pixels.
+    ValueError when not even the smallest tile fits the budget at this scale."""
+    if hr_size(height, scale) * hr_size(width, scale) <= pass_pixels:
+        return height, width
+
+    def edges(length: int) -> list[int]:
+        return [e for e in TILE_EDGES if 2 * overlap < e < length] + [length]
+
+    best: tuple[tuple[int, int], tuple[int, int]] | None = None
+    for th in edges(height):
+        for tw in edges(width):
+            if hr_size(th, scale) * hr_size(tw, scale) > pass_pixels:
+                continue
+            count = tile_count(height, th, overlap) * tile_count(width, tw, overlap)
+            key = (count, count * th * tw)
+            if best is None or key < best[0]:
+                best = key, (th, tw)
+    if best is None:
+        raise ValueError(f"a pass budget of {pass_pixels} output pixels cannot hold even a "
+                         f"{smallest_tile(overlap)} px tile at x{scale:g}")
+    return best[1]
+
+
+def smallest_tile(overlap: int) -> int:
+    """The smallest ladder edge usable with `overlap` (a tile must be more than twice the overlap)."""
+    return next(e for e in TILE_EDGES if e > 2 * overlap)
+
+
+def plan_tiles(height: int, width: int, scale: float, pass_pixels: int, overlap: int) -> list[Tile]:
+    """Tiles covering an LR image (see the module doc); neighbours overlap by at least `overlap`, the last
+    ones are flush with the far edges."""
+    tile_h, tile_w = tile_shape(height, width, scale, pass_pixels, overlap)
+
+    def starts(length: int, edge: int) -> list[int]:
+        count = tile_count(length, edge, overlap)
+        if count == 1:
             return [0]
-        count = math.ceil((length - overlap) / (tile - overlap))
-        step = (length - tile) / (count - 1)
+        step = (length - edge) / (count - 1)
         return [round(i * step) for i in range(count)]
 
-    return [Tile(y, x, min(tile, height), min(tile, width)) for y in starts(height) for x in starts(width)]
+    return [Tile(y, x, tile_h, tile_w) for y in starts(height, tile_h) for x in starts(width, tile_w)]
 
 
 def _window(length: int, ramp: int, at_start: bool, at_end: bool) -> np.ndarray:
@@ -108,22 +162,35 @@ class LoadedModel:
     model: object  # hndsr.model.HNDSR
     info: dict
     device: torch.device
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
 
 class Engine:
-    def __init__(self, device: torch.device, *, tile: int = 64, overlap: int = 8, max_batch: int = 8,
-                 max_queue_pixels: int = 64_000_000, on_batch: Callable[[int], None] | None = None) -> None:
-        if not 2 <= overlap < tile // 2:
-            raise ValueError(f"overlap must be in [2, tile/2), got {overlap} with tile {tile}")
-        self.device, self.tile, self.overlap, self.max_batch = device, tile, overlap, max_batch
+    def __init__(self, device: torch.device, *, pass_pixels: int = 1_000_000, overlap: int = 8, max_batch: int = 1,
+                 workers: int = 1, max_queue_pixels: int = 64_000_000,
+                 on_batch: Callable[[int], None] | None = None) -> None:
+        if not 2 <= overlap < TILE_EDGES[-1] // 2:
+            raise ValueError(f"overlap must be in [2, {TILE_EDGES[-1] // 2}), got {overlap}")
+        self.device, self.pass_pixels, self.overlap, self.max_batch = device, pass_pixels, overlap, max_batch
         self.max_queue_pixels = max_queue_pixels
         self._queue: queue.Queue[tuple[Job, int] | None] = queue.Queue()
         self._pending: list[tuple[Job, int]] = []
         self._admitted_pixels = 0
         self._lock = threading.Lock()
         self._on_batch = on_batch
-        self._worker = threading.Thread(target=self._run, name=f"hndsr-engine-{device}", daemon=True)
-        self._worker.start()
+        self._take = threading.Lock()  # one worker at a time picks its batch
+        self._local = threading.local()  # per worker: its sampling copy of the model (see _sampler)
+        self.workers = [threading.Thread(target=self._run, name=f"hndsr-engine-{device}-{i}", daemon=True)
+                        for i in range(workers)]
+        for worker in self.workers:
+            worker.start()
+
+    def describe(self) -> dict:
+        """The engine's limits, as /v1/model shows them."""
+        return {"device": str(self.device), "pass_megapixels": self.pass_pixels / 1e6, "max_batch": self.max_batch,
+                "workers": len(self.workers),
+                "tile_overlap": self.overlap, "tile_edges": list(TILE_EDGES),
+                "max_queue_megapixels": self.max_queue_pixels / 1e6}
 
     # -- admission ----------------------------------------------------------------------------------------
 
@@ -139,7 +206,7 @@ class Engine:
                deadline_s: float) -> Job:
         out_h, out_w = hr_size(lr.shape[0], scale), hr_size(lr.shape[1], scale)
         job = Job(model, lr, scale, steps, seed, time.monotonic() + deadline_s, out_h, out_w,
-                  plan_tiles(lr.shape[0], lr.shape[1], self.tile, self.overlap))
+                  plan_tiles(lr.shape[0], lr.shape[1], scale, self.pass_pixels, self.overlap))
         with self._lock:
             if self._admitted_pixels + job.pixels > self.max_queue_pixels:
                 raise Overloaded(f"the server is busy ({self._admitted_pixels} output pixels queued, budget "
@@ -157,13 +224,16 @@ class Engine:
             self._admitted_pixels -= job.pixels
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._worker.join(timeout=10)
+        for _ in self.workers:
+            self._queue.put(None)
+        for worker in self.workers:
+            worker.join(timeout=10)
 
     # -- the worker ---------------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[tuple[Job, int]] | None:
-        """Up to max_batch tiles sharing (model, scale, steps), oldest first; None to stop."""
+        """Tiles sharing (model, scale, steps, tile shape), oldest first, up to max_batch of them and pass_pixels
+        output pixels (always at least one); None to stop."""
         if not self._pending:
             item = self._queue.get()
             if item is None:
@@ -178,16 +248,25 @@ class Engine:
                 self._queue.put(None)
                 break
             self._pending.append(item)
-        first, _ = self._pending[0]
-        key = (id(first.model), first.scale, first.steps)
-        batch = [p for p in self._pending if (id(p[0].model), p[0].scale, p[0].steps) == key][: self.max_batch]
+        def key(item: tuple[Job, int]) -> tuple:
+            job, index = item
+            tile = job.tiles[index]
+            return id(job.model), job.scale, job.steps, tile.height, tile.width
+
+        first_job, first_index = self._pending[0]
+        first_tile = first_job.tiles[first_index]
+        tile_pixels = hr_size(first_tile.height, first_job.scale) * hr_size(first_tile.width, first_job.scale)
+        size = max(1, min(self.max_batch, self.pass_pixels // tile_pixels))
+        wanted = key(self._pending[0])
+        batch = [p for p in self._pending if key(p) == wanted][:size]
         taken = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in taken]
         return batch
 
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
+            with self._take:
+                batch = self._next_batch()
             if batch is None:
                 return
             now = time.monotonic()
@@ -232,29 +311,28 @@ class Engine:
     def _forward(self, batch: list[tuple[Job, int]]) -> list[np.ndarray]:
         job0 = batch[0][0]
         loaded: LoadedModel = job0.model  # type: ignore[assignment]
-        tiles = [job.tiles[index] for job, index in batch]
-        # Tiles of one batch may differ in size (edge tiles of small images): group by size.
-        outputs: dict[int, np.ndarray] = {}
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(tiles):
-            groups.setdefault((t.height, t.width), []).append(i)
-        for members in groups.values():
-            lr = np.stack([_crop(batch[i][0].lr, tiles[i]) for i in members])
-            seeds = [_tile_seed(batch[i][0].seed, tiles[i]) for i in members]
-            jobs = [batch[i][0] for i in members]
+        jobs = [job for job, _ in batch]
+        lr = np.stack([_crop(job.lr, job.tiles[index]) for job, index in batch])  # one tile shape per batch
+        seeds = [_tile_seed(job.seed, job.tiles[index]) for job, index in batch]
 
-            def check_deadline(done: int, total: int, jobs=jobs) -> None:
-                if all(time.monotonic() > job.deadline for job in jobs):
-                    raise DeadlineExceeded(f"the deadline passed after {done} of {total} DDIM steps")
+        def check_deadline(done: int, total: int) -> None:
+            if all(time.monotonic() > job.deadline for job in jobs):
+                raise DeadlineExceeded(f"the deadline passed after {done} of {total} DDIM steps")
 
-            x = to_tensor(lr).to(loaded.device)
-            use_amp = loaded.device.type == "cuda"
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                hr = loaded.model.super_resolve(x, job0.scale, steps=job0.steps, seed=seeds,
-                                                callback=check_deadline)
-            for i, pixels in zip(members, to_uint8(hr.float()), strict=True):
-                outputs[i] = pixels
-        return [outputs[i] for i in range(len(batch))]
+        x = to_tensor(lr).to(loaded.device)
+        with torch.inference_mode(), loaded.acceleration.autocast(loaded.device):
+            hr = self._sampler(loaded).super_resolve(x, job0.scale, steps=job0.steps, seed=seeds, callback=check_deadline)
+        return list(to_uint8(hr.float()))
+
+    def _sampler(self, loaded: LoadedModel):
+        """This worker's copy of the model for sampling: the networks are shared, the DDIM scheduler (which keeps
+        the current timestep plan as state) is the worker's own, so concurrent passes never mix their plans."""
+        cached = getattr(self._local, "sampler", None)
+        if cached is None or cached[0] is not loaded.model:
+            twin = copy.copy(loaded.model)
+            twin.scheduler = copy.deepcopy(loaded.model.scheduler)
+            self._local.sampler = cached = (loaded.model, twin)
+        return cached[1]
 
     def _blend(self, job: Job, index: int, output: np.ndarray) -> None:
         tile, scale = job.tiles[index], job.scale

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hndsr.checkpoint import CheckpointError, load_model
+from serving.acceleration import accelerate
 from serving.engine import LoadedModel
 
 log = logging.getLogger("hndsr.serving")
@@ -57,8 +58,10 @@ def current_version(model_uri: str) -> str | None:
     return Registry(match["name"]).alias_version(match["alias"])
 
 
-def load(model_uri: str, device: torch.device, *, version: str | None = None) -> LoadedModel:
-    """Load and warm up the model at `model_uri` (for an alias: `version` if given, else where it points)."""
+def load(model_uri: str, device: torch.device, *, version: str | None = None, precision: str = "auto",
+         compile: str = "auto", min_psnr_db: float = 45.0, max_batch: int = 1) -> LoadedModel:
+    """Load the model at `model_uri` (for an alias: `version` if given, else where it points), choose and check
+    its reduced precision and compilation on the reference input (serving/acceleration.py), which warms it up."""
     start = time.perf_counter()
     match = _MODELS_URI.match(model_uri)
     if match:
@@ -75,12 +78,15 @@ def load(model_uri: str, device: torch.device, *, version: str | None = None) ->
         loaded = LoadedModel(model, {"version": "local", "alias": None, "source": str(folder.resolve()),
                                      "run_id": config.get("run_id"), "dataset_hash": config.get("dataset_hash"),
                                      "metrics": {}}, device)
-    _warm_up(loaded)
+    loaded.acceleration = accelerate(loaded.model, device, precision=precision, compile=compile,
+                                     min_psnr_db=min_psnr_db, max_batch=max_batch)
+    loaded.info["inference"] = loaded.acceleration.report()
     loaded.info["default_steps"] = loaded.model.defaults.steps
     loaded.info["scale_range"] = [loaded.model.min_scale, loaded.model.max_scale]
     loaded.info["device"] = str(device)
-    log.info("loaded model %s (version %s) on %s in %.1f s", model_uri, loaded.info["version"], device,
-             time.perf_counter() - start)
+    log.info("loaded model %s (version %s) on %s in %.1f s; %s%s", model_uri, loaded.info["version"], device,
+             time.perf_counter() - start, loaded.acceleration.precision,
+             ", compiled UNet" if loaded.acceleration.compiled else "")
     return loaded
 
 
@@ -116,9 +122,3 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
             "metrics": scores_from_tags(tags)}
     return LoadedModel(model, info, device)
 
-
-def _warm_up(loaded: LoadedModel) -> None:
-    model = loaded.model
-    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)).to(loaded.device)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=loaded.device.type == "cuda"):
-        model.super_resolve(lr, model.min_scale, seed=0)

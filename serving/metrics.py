@@ -21,13 +21,15 @@ class Metrics:
         self.rejections = Counter("hndsr_rejections_total", "requests refused, by reason", ["reason"], registry=r)
         self.batch_size = Histogram("hndsr_batch_tiles", "tiles per forward pass", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32))
-        self.model = Gauge("hndsr_model_info", "the model being served (value 1)", ["version", "alias", "source"],
-                           registry=r)
+        self.model = Gauge("hndsr_model_info", "the model being served (value 1), with the arithmetic it runs in",
+                           ["version", "alias", "source", "precision", "compiled"], registry=r)
 
     def set_model(self, info: dict) -> None:
         self.model.clear()
+        inference = info.get("inference", {})
         self.model.labels(version=str(info.get("version")), alias=str(info.get("alias") or ""),
-                          source=str(info.get("source"))).set(1)
+                          source=str(info.get("source")), precision=inference.get("precision", "float32"),
+                          compiled=str(inference.get("compiled", False)).lower()).set(1)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

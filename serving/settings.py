@@ -12,8 +12,14 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_MAX_OUTPUT_PIXELS` | 16000000 | output image limit (input pixels x scale^2) |
 | `HNDSR_MAX_QUEUE_PIXELS` | 64000000 | output pixels queued or running before new requests get 503 |
 | `HNDSR_MAX_STEPS` | 50 | most DDIM steps a request may ask for |
-| `HNDSR_TILE`, `HNDSR_TILE_OVERLAP` | 64, 8 | LR tile edge and overlap, pixels |
-| `HNDSR_MAX_BATCH` | 8 | tiles per forward pass |
+| `HNDSR_PASS_MEGAPIXELS` | `auto` | the memory budget: most output megapixels one forward pass works on; an image whose output fits is one tile (auto: 0.6 on CPU, measured by benchmarks/tile_budget.py; on CUDA half the free memory, measured at start-up) |
+| `HNDSR_TILE_OVERLAP` | 8 | least overlap between neighbouring tiles, LR pixels |
+| `HNDSR_MAX_BATCH` | `auto` | most tiles per forward pass (auto: 1 on CPU, where batching measured slower; 8 on CUDA) |
+| `HNDSR_WORKERS` | `auto` | passes in flight per device (auto: 2 on CPU, measured 11 % more throughput than 1; 1 on CUDA); memory is up to workers x pass budget |
+| `HNDSR_PRECISION` | `auto` | `auto`: bfloat16 where the device has it and the start-up check passes; `float32`: always float32 |
+| `HNDSR_COMPILE` | `auto` | `torch.compile` the diffusion UNet, kept if the start-up check passes: `auto` (CUDA only), `on`, `off` |
+| `HNDSR_MIN_PSNR_DB` | 45 | tolerance of the start-up checks: least PSNR against float32 on the reference input |
+| `HNDSR_PNG_COMPRESS_LEVEL` | 1 | zlib level of the PNG answers, 0..9 (same pixels; 1 is 5x faster than 6 for about 15 % more bytes) |
 | `HNDSR_DEADLINE_S` | 120 | per-request deadline (504 when passed) |
 | `HNDSR_POLL_S` | 30 | how often the alias is checked for a new version (0: never) |
 | `HNDSR_DRAIN_S` | 30 | on SIGTERM, how long requests in flight may take to finish |
@@ -21,7 +27,7 @@ by pydantic-settings. An empty variable counts as unset.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,17 +51,20 @@ class Settings(BaseSettings):
     max_output_pixels: Positive = 16_000_000
     max_queue_pixels: Positive = 64_000_000
     max_steps: Positive = 50
-    tile: Positive = 64
-    tile_overlap: Positive = 8
-    max_batch: Positive = 8
+    pass_megapixels: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
+    tile_overlap: Annotated[int, Field(ge=2, le=64)] = 8
+    max_batch: Positive | Literal["auto"] = "auto"
+    workers: Positive | Literal["auto"] = "auto"
+    precision: Literal["auto", "float32"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    min_psnr_db: float = Field(45.0, gt=0)
+    png_compress_level: Annotated[int, Field(ge=0, le=9)] = 1
     deadline_s: float = Field(120.0, gt=0)
     poll_s: float = Field(30.0, ge=0)
     drain_s: float = Field(30.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        if not 2 <= self.tile_overlap < self.tile // 2:
-            raise ValueError("HNDSR_TILE_OVERLAP must be at least 2 and below half of HNDSR_TILE")
         if self.max_queue_pixels < self.max_output_pixels:
             raise ValueError("HNDSR_MAX_QUEUE_PIXELS must be at least HNDSR_MAX_OUTPUT_PIXELS")
         return self
@@ -72,10 +81,15 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = []
+        problems: dict[str, list[str]] = {}  # a field typed as a union fails once per member: one line each
         for error in exc.errors():
             where = [str(part) for part in error["loc"]]
             field = where[0] if where and where[0] in Settings.model_fields else None
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{env_name(field)}={error.get('input')!r}: {message}" if field else message)
-        raise SettingsError("; ".join(problems)) from None
+            key = f"{env_name(field)}={error.get('input')!r}: " if field else ""
+            problems.setdefault(key, [])
+            if message not in problems[key]:
+                problems[key].append(message)
+        lines = [key + " or ".join([first] + [m.removeprefix("Input should be ") for m in rest])
+                 for key, (first, *rest) in problems.items()]
+        raise SettingsError("; ".join(lines)) from None

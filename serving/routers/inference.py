@@ -41,7 +41,8 @@ UPLOAD_SCHEMA = {
 async def model_info(state: StateDep) -> JSONResponse:
     if state.model is None:
         raise ClientError(503, "not_ready", "no model is loaded yet; retry shortly", {"Retry-After": "5"})
-    return JSONResponse(state.model.info)
+    engine = state.engine.describe() if state.engine is not None else None
+    return JSONResponse({**state.model.info, "engine": engine})
 
 
 @router.post("/super-resolve", summary="super-resolve one image", openapi_extra=UPLOAD_SCHEMA,
@@ -83,7 +84,7 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
     except Overloaded as exc:
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "5"}) from None
     elapsed = time.perf_counter() - start
-    body = await asyncio.to_thread(encode_png, output)
+    body = await asyncio.to_thread(encode_png, output, settings.png_compress_level)
     state.metrics.images.inc()
     state.metrics.pixels.inc(out_h * out_w)
     return Response(body, media_type="image/png", headers={

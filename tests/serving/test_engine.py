@@ -2,26 +2,86 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hndsr.checkpoint import load_model
 from hndsr.degradation import hr_size
 from hndsr.images import to_tensor, to_uint8
-from serving.engine import Engine, LoadedModel, Overloaded, plan_tiles
+from serving.engine import (
+    TILE_EDGES,
+    Engine,
+    LoadedModel,
+    Overloaded,
+    Tile,
+    _tile_seed,
+    plan_tiles,
+    smallest_tile,
+)
+
+LIMIT = 4_000_000  # the server's default HNDSR_MAX_INPUT_PIXELS
 
 
-@pytest.mark.parametrize(("height", "width"), [(10, 10), (32, 32), (33, 95), (200, 64)])
-def test_tiles_cover_the_image_with_the_overlap(height, width):
-    tiles = plan_tiles(height, width, 32, 4)
-    covered = np.zeros((height, width), dtype=int)
-    for t in tiles:
-        assert t.y + t.height <= height and t.x + t.width <= width
-        covered[t.y : t.y + t.height, t.x : t.x + t.width] += 1
-    assert covered.min() >= 1
-    ys = sorted({t.y for t in tiles})
-    assert all(b - a <= 32 - 4 for a, b in zip(ys, ys[1:], strict=False))
+@functools.cache
+def fewest_tiles(length: int, edge: int, overlap: int) -> int:
+    """Written out independently of the engine: the least n with n tiles of `edge` overlapping by `overlap`
+    covering `length`."""
+    n = 1
+    while n * edge - (n - 1) * overlap < length:
+        n += 1
+    return n
+
+
+def check_plan(height: int, width: int, scale: float, budget: int, overlap: int) -> None:
+    tiles = plan_tiles(height, width, scale, budget, overlap)
+    ys, xs = sorted({t.y for t in tiles}), sorted({t.x for t in tiles})
+    assert [(t.y, t.x) for t in tiles] == [(y, x) for y in ys for x in xs]  # a grid
+    shapes = {(t.height, t.width) for t in tiles}
+    assert len(shapes) == 1  # one shape per image
+    (th, tw), = shapes
+    assert hr_size(th, scale) * hr_size(tw, scale) <= budget or len(tiles) == 1
+    if hr_size(height, scale) * hr_size(width, scale) <= budget:
+        assert tiles == [Tile(0, 0, height, width)]  # fits: the whole image, one tile
+        return
+    assert th in TILE_EDGES or th == height
+    assert tw in TILE_EDGES or tw == width
+    for starts, edge, length in ((ys, th, height), (xs, tw, width)):
+        assert starts[0] == 0 and starts[-1] + edge == length  # flush with both edges, nothing outside
+        assert all(b - a <= edge - overlap for a, b in zip(starts, starts[1:], strict=False))  # covered, overlapped
+    # No tile more than needed: no allowed shape within the budget covers the image with fewer tiles, and no
+    # plan with as few tiles computes fewer pixels.
+    options = [(fewest_tiles(height, eh, overlap) * fewest_tiles(width, ew, overlap), eh, ew)
+               for eh in [e for e in TILE_EDGES if 2 * overlap < e < height] + [height]
+               for ew in [e for e in TILE_EDGES if 2 * overlap < e < width] + [width]
+               if hr_size(eh, scale) * hr_size(ew, scale) <= budget]
+    least = min(n for n, _, _ in options)
+    assert len(tiles) == least
+    assert len(tiles) * th * tw == min(n * eh * ew for n, eh, ew in options if n == least)
+
+
+@pytest.mark.parametrize("scale", [2.0, 2.5, 3.3, 4.0])
+def test_tile_plan_for_every_square_size_up_to_the_limit(scale):
+    for edge in range(1, int(LIMIT**0.5) + 1):
+        check_plan(edge, edge, scale, 1_000_000, 8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, LIMIT), st.floats(0.0, 1.0), st.floats(2.0, 4.0), st.floats(0.02, 20.0), st.integers(2, 16))
+def test_tile_plan_properties(height, aspect, scale, megapixels, overlap):
+    width = max(1, min(LIMIT // height, round((LIMIT // height) ** aspect)))  # any shape within the limit
+    budget = max(int(megapixels * 1e6), hr_size(smallest_tile(overlap), scale) ** 2)
+    check_plan(height, width, scale, budget, overlap)
+    check_plan(width, height, scale, budget, overlap)
+
+
+def test_tile_plan_is_refused_when_no_tile_fits():
+    with pytest.raises(ValueError, match="cannot hold even a 32 px tile"):
+        plan_tiles(500, 500, 4.0, 100, 8)
 
 
 @pytest.fixture(scope="module")
@@ -32,36 +92,93 @@ def loaded(tmp_path_factory):
     return LoadedModel(load_model(folder), {"version": "t"}, torch.device("cpu"))
 
 
-def test_tiled_output_matches_the_whole_image_and_ignores_batch_company(loaded):
+def test_tiled_output_matches_the_whole_image(loaded):
     yy, xx = np.mgrid[0:100, 0:90]
     smooth = np.stack([127 + 100 * np.sin(xx / 7 + c) * np.cos(yy / 9) for c in range(3)], axis=-1).astype(np.uint8)
-    engine = Engine(torch.device("cpu"), tile=32, overlap=6, max_batch=4)
+    engine = Engine(torch.device("cpu"), pass_pixels=20_000, overlap=6)
     try:
         # Tiles see replicated borders where the whole image has neighbours, and at a non-integer scale a tile's
         # output grid can sit half a pixel off the whole image's; the blended overlaps hide both. (The default
-        # model in models/ on a real image at x3: 57 dB PSNR between tiled and whole, at most 3/255 apart.)
+        # model in models/: see the last table of benchmarks/tile_budget.py.)
         for scale, mean_limit in ((3.0, 0.3), (2.5, 1.5)):
-            tiled = engine.submit(loaded, smooth, scale, 0, 0, 60).future.result(timeout=120)
+            job = engine.submit(loaded, smooth, scale, 0, 0, 60)
+            tiled = job.future.result(timeout=120)
+            assert len(job.tiles) > 1
             assert tiled.shape == (hr_size(100, scale), hr_size(90, scale), 3)
             whole = to_uint8(loaded.model.super_resolve(to_tensor(smooth), scale, steps=0))[0]
             difference = np.abs(tiled.astype(int) - whole.astype(int))
             assert difference.mean() < mean_limit and difference.max() <= 8, (scale, difference.mean())
-        # With diffusion steps: the same request alone or among others gives the same bytes.
-        alone = engine.submit(loaded, smooth, 3.0, 2, 5, 60).future.result(timeout=120)
-        jobs = [engine.submit(loaded, smooth[::-1].copy(), 3.0, 2, 9, 60),
-                engine.submit(loaded, smooth, 3.0, 2, 5, 60)]
-        np.testing.assert_array_equal(jobs[1].future.result(timeout=120), alone)
     finally:
         engine.close()
 
 
+def test_a_result_ignores_its_batch_company(loaded):
+    rng = np.random.default_rng(0)
+    small = [rng.integers(0, 256, (30, 30, 3), dtype=np.uint8) for _ in range(2)]
+    batches = []
+    engine = Engine(torch.device("cpu"), pass_pixels=4 * hr_size(30, 3) ** 2, max_batch=4, on_batch=batches.append)
+    try:
+        alone = engine.submit(loaded, small[1], 3.0, 2, 5, 60).future.result(timeout=120)
+        blocker = engine.submit(loaded, rng.integers(0, 256, (60, 60, 3), dtype=np.uint8), 3.0, 8, 1, 60)
+        jobs = [engine.submit(loaded, small[0], 3.0, 2, 9, 60), engine.submit(loaded, small[1], 3.0, 2, 5, 60)]
+        np.testing.assert_array_equal(jobs[1].future.result(timeout=120), alone)
+        blocker.future.result(timeout=120)
+        assert 2 in batches  # the two small requests did share a pass
+    finally:
+        engine.close()
+
+
+def test_concurrent_workers_give_the_sequential_results(loaded):
+    """Two passes in flight on one model, with different DDIM step counts: each request gets exactly what one
+    worker alone gives it (the scheduler's timestep plan is per worker)."""
+    rng = np.random.default_rng(3)
+    requests = [(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8), 3.0 if i % 2 else 4.0, 1 + i % 3, i)
+                for i in range(8)]
+    results = {}
+    for workers in (1, 2):
+        engine = Engine(torch.device("cpu"), pass_pixels=200_000, workers=workers)
+        try:
+            jobs = [engine.submit(loaded, image, scale, steps, seed, 120) for image, scale, steps, seed in requests]
+            results[workers] = [job.future.result(timeout=120) for job in jobs]
+        finally:
+            engine.close()
+        assert not any(worker.is_alive() for worker in engine.workers)
+    for alone, together in zip(results[1], results[2], strict=True):
+        np.testing.assert_array_equal(alone, together)
+
+
 def test_admission_refuses_beyond_the_pixel_budget(loaded):
-    engine = Engine(torch.device("cpu"), tile=32, overlap=4, max_queue_pixels=hr_size(40, 4) ** 2)
+    engine = Engine(torch.device("cpu"), pass_pixels=20_000, overlap=4, max_queue_pixels=hr_size(40, 4) ** 2)
     try:
         first = engine.submit(loaded, np.zeros((40, 40, 3), np.uint8), 4.0, 30, 0, 60)
         with pytest.raises(Overloaded, match="busy"):
             engine.submit(loaded, np.zeros((40, 40, 3), np.uint8), 4.0, 30, 0, 60)
         first.future.result(timeout=300)
         assert engine.queued_pixels == 0
+    finally:
+        engine.close()
+
+
+def test_compiled_bfloat16_model_serves_within_the_tolerance(tmp_path):
+    """The cheaper modes when their checks pass: bfloat16 and a compiled UNet, then served through the engine at an
+    integer and a non-integer scale, within the tolerance of the model's own float32 output."""
+    from serving.acceleration import accelerate, psnr
+    from tests.serving.test_server import write_model
+
+    folder = write_model(tmp_path / "models", seed=1)
+    model = load_model(folder)
+    acceleration = accelerate(model, torch.device("cpu"), precision="auto", compile="on", min_psnr_db=45)
+    assert (acceleration.precision, acceleration.compiled) == ("bfloat16", True), acceleration.checks
+    assert [c["mode"] for c in acceleration.checks] == ["bfloat16", "compile"]
+    assert all(c["passed"] and c["psnr_db"] >= 45 for c in acceleration.checks)
+    engine = Engine(torch.device("cpu"), pass_pixels=1_000_000)
+    image = np.random.default_rng(2).integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    try:
+        served = LoadedModel(model, {"version": "t"}, torch.device("cpu"), acceleration)
+        for scale in (4.0, 2.5):
+            got = engine.submit(served, image, scale, 2, 0, 300).future.result(timeout=300)
+            seed = _tile_seed(0, Tile(0, 0, 23, 31))
+            expected = to_uint8(load_model(folder).super_resolve(to_tensor(image), scale, steps=2, seed=[seed]))[0]
+            assert psnr(torch.from_numpy(got) / 255, torch.from_numpy(expected) / 255) >= 45
     finally:
         engine.close()

@@ -93,7 +93,7 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     s = Server({"MODEL_URI": str(model_dir), "HNDSR_MAX_UPLOAD_BYTES": "300000", "HNDSR_MAX_INPUT_PIXELS": "40000",
-                "HNDSR_MAX_OUTPUT_PIXELS": "400000", "HNDSR_MAX_QUEUE_PIXELS": "2000000", "HNDSR_TILE": "32",
+                "HNDSR_MAX_OUTPUT_PIXELS": "400000", "HNDSR_MAX_QUEUE_PIXELS": "2000000", "HNDSR_PASS_MEGAPIXELS": "0.02",
                 "HNDSR_TILE_OVERLAP": "4"}, tmp_path_factory.mktemp("logs"))
     s.wait_ready()
     yield s
@@ -126,21 +126,67 @@ def test_round_trip_follows_the_size_rule(server, scale, height, width):
     assert response.headers["x-steps"] == "1"
 
 
-def test_single_tile_equals_the_model_and_seed_decides(server, model_dir):
-    image = png(20, 24, seed=4)
-    first, second = post(server.url, image, scale="2.5", seed="7"), post(server.url, image, scale="2.5", seed="7")
-    assert first.content == second.content
-    from hndsr.images import to_tensor, to_uint8
+def crop_png(folder: Path, height: int, width: int) -> tuple[bytes, np.ndarray]:
+    """A real image (the first of the realsat folder), cropped at its centre."""
+    pixels = np.asarray(Image.open(sorted(folder.glob("*.png"))[0]).convert("RGB"))
+    y, x = (pixels.shape[0] - height) // 2, (pixels.shape[1] - width) // 2
+    crop = np.ascontiguousarray(pixels[y : y + height, x : x + width])
+    return encode_png(crop), crop
 
-    model = load_model(model_dir)
-    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+
+def model_output(model_dir: Path, pixels: np.ndarray, scale: float, seed: int) -> np.ndarray:
+    """The model's own float32 output for a one-tile request (the engine's per-tile seed)."""
+    from hndsr.images import to_tensor, to_uint8
     from serving.engine import Tile, _tile_seed
 
-    expected = to_uint8(model.super_resolve(to_tensor(pixels), 2.5, seed=[_tile_seed(7, Tile(0, 0, 20, 24))]))[0]
-    np.testing.assert_array_equal(decode(first), expected)
-    assert post(server.url, image, scale="2.5", seed="8").content != first.content
-    default_steps = post(server.url, image, scale="2.5")
+    tile_seed = _tile_seed(seed, Tile(0, 0, *pixels.shape[:2]))
+    return to_uint8(load_model(model_dir).super_resolve(to_tensor(pixels), scale, seed=[tile_seed]))[0]
+
+
+def psnr_255(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize(("scale", "height", "width"), [("4", 32, 34), ("2.5", 44, 52)])
+def test_served_output_equals_the_model_within_the_tolerance(server, model_dir, realsat, scale, height, width):
+    image, pixels = crop_png(realsat, height, width)
+    first, second = post(server.url, image, scale=scale, seed="7"), post(server.url, image, scale=scale, seed="7")
+    assert first.status_code == 200, first.text
+    assert first.content == second.content  # the seed decides
+    inference = httpx.get(f"{server.url}/v1/model").json()["inference"]
+    # This CPU has bfloat16 instructions and the small test model passes the start-up check with it.
+    assert inference["precision"] == "bfloat16", inference
+    check = next(c for c in inference["checks"] if c["mode"] == "bfloat16")
+    assert check["passed"] and check["psnr_db"] >= check["tolerance_db"] == 45
+    assert psnr_255(decode(first), model_output(model_dir, pixels, float(scale), 7)) >= 45
+    assert post(server.url, image, scale=scale, seed="8").content != first.content
+    default_steps = post(server.url, image, scale=scale)
     assert default_steps.headers["x-steps"] == "2"  # the model's recorded default
+
+
+def test_cheaper_arithmetic_falls_back_to_float32_eager_when_its_check_fails(model_dir, realsat, tmp_path):
+    """An unreachable tolerance fails both start-up checks (bfloat16, and a really compiled UNet): the server
+    runs float32 eager and answers exactly the model's own output."""
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_MIN_PSNR_DB": "300", "HNDSR_COMPILE": "on"}, tmp_path)
+    try:
+        s.wait_ready(timeout=300)  # compiling on two cores takes a while
+        info = httpx.get(f"{s.url}/v1/model").json()
+        inference = info["inference"]
+        assert (inference["precision"], inference["compiled"], inference["layout"]) == ("float32", False,
+                                                                                          "contiguous"), inference
+        checks = {c["mode"]: c for c in inference["checks"]}
+        assert not checks["bfloat16"]["passed"] and checks["bfloat16"]["psnr_db"] < 300
+        assert not checks["compile"]["passed"] and checks["compile"]["tolerance_db"] == 300, checks["compile"]
+        log = s.log.read_text()
+        assert "bfloat16: off (outside the tolerance)" in log and "compile: off (outside the tolerance)" in log
+        image, pixels = crop_png(realsat, 30, 26)
+        for scale in ("4", "2.5"):
+            response = post(s.url, image, scale=scale, seed="3")
+            np.testing.assert_array_equal(decode(response), model_output(model_dir, pixels, float(scale), 3))
+        assert 'precision="float32"' in httpx.get(f"{s.url}/metrics").text
+    finally:
+        s.stop()
 
 
 def test_model_health_metrics_and_docs(server):
@@ -149,8 +195,10 @@ def test_model_health_metrics_and_docs(server):
     assert info["version"] == "local" and info["default_steps"] == 2 and info["scale_range"] == [2.0, 4.0]
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("hndsr_requests_total", "hndsr_request_seconds_bucket", "hndsr_queue_tiles", "hndsr_images_total",
-                 "hndsr_output_pixels_total", 'hndsr_model_info{alias="",source='):
+                 "hndsr_output_pixels_total",
+                 'hndsr_model_info{alias="",compiled="false",precision="bfloat16",source='):
         assert name in metrics
+    assert info["engine"]["pass_megapixels"] == 0.02 and info["engine"]["max_batch"] == 1  # CPU default
     assert httpx.get(f"{server.url}/docs").status_code == 200
     assert "/v1/super-resolve" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
 
@@ -262,7 +310,7 @@ def test_concurrent_requests_equal_sequential_ones(server):
 
 def test_queue_full_is_503_with_retry_after(model_dir, tmp_path):
     s = Server({"MODEL_URI": str(model_dir), "HNDSR_MAX_OUTPUT_PIXELS": "100000", "HNDSR_MAX_QUEUE_PIXELS": "100000",
-                "HNDSR_TILE": "32", "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
+                "HNDSR_PASS_MEGAPIXELS": "0.02", "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
     try:
         s.wait_ready()
         results = []
@@ -282,7 +330,7 @@ def test_queue_full_is_503_with_retry_after(model_dir, tmp_path):
 
 
 def test_deadline_is_504(model_dir, tmp_path):
-    s = Server({"MODEL_URI": str(model_dir), "HNDSR_DEADLINE_S": "0.05", "HNDSR_TILE": "32",
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_DEADLINE_S": "0.05", "HNDSR_PASS_MEGAPIXELS": "0.02",
                 "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
     try:
         s.wait_ready()
@@ -307,7 +355,7 @@ def test_api_key(model_dir, tmp_path):
 
 
 def test_request_in_flight_completes_on_sigterm(model_dir, tmp_path):
-    s = Server({"MODEL_URI": str(model_dir), "HNDSR_TILE": "32", "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_PASS_MEGAPIXELS": "0.02", "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
     s.wait_ready()
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=post(s.url, png(100, 100), scale="4", steps="20")))

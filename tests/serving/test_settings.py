@@ -25,12 +25,14 @@ def env(monkeypatch):
 def test_settings_come_from_the_documented_variables(env):
     assert load_settings() == Settings()
     env.setenv("MODEL_URI", "/models/exported")
-    env.setenv("HNDSR_TILE", "32")
+    env.setenv("HNDSR_PASS_MEGAPIXELS", "0.5")
     env.setenv("HNDSR_TILE_OVERLAP", "4")
     env.setenv("HNDSR_POLL_S", "0")
     env.setenv("HNDSR_API_KEY", "")  # empty counts as unset
     settings = load_settings()
-    assert (settings.model_uri, settings.tile, settings.tile_overlap, settings.poll_s) == ("/models/exported", 32, 4, 0)
+    assert (settings.model_uri, settings.pass_megapixels, settings.tile_overlap, settings.poll_s) == (
+        "/models/exported", 0.5, 4, 0)
+    assert (settings.max_batch, settings.precision, settings.compile) == ("auto", "auto", "auto")
     assert settings.api_key is None
     assert env_name("model_uri") == "MODEL_URI" and env_name("max_batch") == "HNDSR_MAX_BATCH"
     for field in Settings.model_fields:  # every setting is in the module's table
@@ -38,10 +40,12 @@ def test_settings_come_from_the_documented_variables(env):
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
-    ("HNDSR_TILE", "big", "HNDSR_TILE='big': Input should be a valid integer"),
-    ("HNDSR_MAX_BATCH", "0", "HNDSR_MAX_BATCH='0': Input should be greater than 0"),
+    ("HNDSR_PASS_MEGAPIXELS", "big", "HNDSR_PASS_MEGAPIXELS='big': Input should be a valid number, unable to parse "
+     "string as a number or 'auto'"),
+    ("HNDSR_MAX_BATCH", "0", "HNDSR_MAX_BATCH='0': Input should be greater than 0 or 'auto'"),
+    ("HNDSR_PRECISION", "bf16", "HNDSR_PRECISION='bf16': Input should be 'auto' or 'float32'"),
     ("HNDSR_POLL_S", "-1", "HNDSR_POLL_S='-1': Input should be greater than or equal to 0"),
-    ("HNDSR_TILE_OVERLAP", "40", "HNDSR_TILE_OVERLAP must be at least 2 and below half of HNDSR_TILE"),
+    ("HNDSR_TILE_OVERLAP", "1", "HNDSR_TILE_OVERLAP='1': Input should be greater than or equal to 2"),
     ("HNDSR_MAX_QUEUE_PIXELS", "1000", "HNDSR_MAX_QUEUE_PIXELS must be at least HNDSR_MAX_OUTPUT_PIXELS"),
 ])
 def test_a_bad_setting_names_its_variable(env, name, value, message):
