@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 
 from hndsr.degradation import hr_size
 from serving import acceleration, loader
-from serving.engine import Engine, smallest_tile
+from serving.engine import Engine, LoadedModel, smallest_tile
 from serving.errors import error_response, install_handlers
 from serving.routers import health, inference, metrics
 from serving.settings import Settings, load_settings
@@ -49,11 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             budget = acceleration.pass_megapixels(settings.pass_megapixels, state.model.model, device,
                                                   state.model.acceleration)
             pass_pixels = int(budget * 1e6)
-            smallest = hr_size(smallest_tile(settings.tile_overlap), state.model.model.max_scale) ** 2
-            if smallest > pass_pixels:
-                raise loader.ModelLoadError(
-                    f"HNDSR_PASS_MEGAPIXELS={budget:g} is too small: the smallest tile at the model's largest "
-                    f"scale (x{state.model.model.max_scale:g}) has {smallest / 1e6:.3f} output megapixels")
+            _check_budget(state.model, pass_pixels, settings.tile_overlap)
         except loader.ModelLoadError as exc:
             log.error("cannot load the model, not starting: %s", exc)
             raise
@@ -111,6 +107,7 @@ async def _poll(state: State) -> None:
             log.info("%s now points to version %s; loading it", settings.model_uri, version)
             new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
                                           **_load_options(settings))
+            _check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
             state.model = new  # requests admitted earlier keep the model they captured
             state.metrics.set_model(new.info)
             log.info("now serving version %s", version)
@@ -125,3 +122,14 @@ def _load_options(settings: Settings) -> dict:
     device = loader.pick_device(settings.device)
     return {"precision": settings.precision, "compile": settings.compile, "min_psnr_db": settings.min_psnr_db,
             "max_batch": acceleration.default_max_batch(settings.max_batch, device)}
+
+
+def _check_budget(loaded: LoadedModel, pass_pixels: int, overlap: int) -> None:
+    """ModelLoadError unless the pass budget holds the smallest tile at the model's largest scale (so every
+    request the model accepts has a tile plan)."""
+    scale = loaded.model.max_scale
+    smallest = hr_size(smallest_tile(overlap), scale) ** 2
+    if smallest > pass_pixels:
+        raise loader.ModelLoadError(
+            f"HNDSR_PASS_MEGAPIXELS={pass_pixels / 1e6:g} is too small for this model: the smallest tile at its "
+            f"largest scale (x{scale:g}) has {smallest / 1e6:.3f} output megapixels")

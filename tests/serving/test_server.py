@@ -374,6 +374,13 @@ def test_unloadable_model_exits_non_zero_with_the_reason(tmp_path):
     assert "neither a models:/ URI nor an existing folder" in s.log.read_text()
 
 
+def test_a_pass_budget_too_small_for_the_model_stops_start_up(model_dir, tmp_path):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_PASS_MEGAPIXELS": "0.001"}, tmp_path)
+    assert s.process.wait(timeout=120) != 0
+    assert "HNDSR_PASS_MEGAPIXELS=0.001 is too small for this model: the smallest tile at its largest scale (x4)" \
+        in s.log.read_text()
+
+
 def test_hot_reload_follows_the_alias(tmp_path, realsat):
     from mlflow import MlflowClient
 
