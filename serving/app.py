@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             device = loader.pick_device(settings.device)
             max_batch = acceleration.default_max_batch(settings.max_batch, device)
-            state.model = await asyncio.to_thread(loader.load, settings.model_uri, device, **_load_options(settings))
+            state.model = await asyncio.to_thread(loader.load, settings.model_uri, device,
+                                                  **_load_options(settings, max_batch))
             budget = acceleration.pass_megapixels(settings.pass_megapixels, state.model.model, device,
                                                   state.model.acceleration)
             pass_pixels = int(budget * 1e6)
@@ -106,7 +107,7 @@ async def _poll(state: State) -> None:
                 continue
             log.info("%s now points to version %s; loading it", settings.model_uri, version)
             new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
-                                          **_load_options(settings))
+                                          **_load_options(settings, state.engine.max_batch))
             _check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
             state.model = new  # requests admitted earlier keep the model they captured
             state.metrics.set_model(new.info)
@@ -118,10 +119,10 @@ async def _poll(state: State) -> None:
                       state.model.info["version"] if state.model else "?", exc)
 
 
-def _load_options(settings: Settings) -> dict:
-    device = loader.pick_device(settings.device)
+def _load_options(settings: Settings, max_batch: int) -> dict:
+    """How loader.load checks a model's cheaper arithmetic (the batch size warms a compiled graph)."""
     return {"precision": settings.precision, "compile": settings.compile, "min_psnr_db": settings.min_psnr_db,
-            "max_batch": acceleration.default_max_batch(settings.max_batch, device)}
+            "max_batch": max_batch}
 
 
 def _check_budget(loaded: LoadedModel, pass_pixels: int, overlap: int) -> None:
