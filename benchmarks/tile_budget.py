@@ -27,15 +27,20 @@ import torch
 from PIL import Image
 
 from hndsr.degradation import hr_size
+from hndsr.raster import DataSpec
 from serving import acceleration, loader
 from serving.engine import Engine
 
 REFERENCE = Path(__file__).resolve().parents[1] / "hndsr" / "reference_lr.png"
 
 
+RGB = DataSpec.fixed()  # 8-bit RGB to model values and back, as the server does
+
+
 def image(size: int) -> np.ndarray:
+    """The reference crop tiled to size x size, as the engine takes it: (h, w, 3) float32 model values."""
     reference = np.asarray(Image.open(REFERENCE).convert("RGB"))
-    return np.ascontiguousarray(np.tile(reference, (size // 64 + 1, size // 64 + 1, 1))[:size, :size])
+    return RGB.image_to_model(np.tile(reference, (size // 64 + 1, size // 64 + 1, 1))[:size, :size])
 
 
 def timed(engine: Engine, model, images: list[np.ndarray], scale: float, steps: int) -> tuple[float, int]:
@@ -107,12 +112,13 @@ def main() -> None:
     try:
         for scale in (args.scale, 2.5):
             for steps_now in (0, steps):
-                whole = whole_engine.submit(model, image(512), scale, steps_now, 0, 3600).future.result()
+                whole = RGB.image_from_model(
+                    whole_engine.submit(model, image(512), scale, steps_now, 0, 3600).future.result(), "uint8")
                 for budget in sorted({args.budgets[0], 0.6}):
                     engine = Engine(device, pass_pixels=int(budget * 1e6))
                     try:
                         job = engine.submit(model, image(512), scale, steps_now, 0, 3600)
-                        tiled = job.future.result()
+                        tiled = RGB.image_from_model(job.future.result(), "uint8")
                     finally:
                         engine.close()
                     difference = tiled.astype(np.float64) - whole.astype(np.float64)

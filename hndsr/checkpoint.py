@@ -1,5 +1,8 @@
 """Checkpoint format: `config.json` (constructor arguments, code version, lineage) + `model.safetensors`.
 
+The autoencoder's config.json also carries `data`: the bands and radiometry the model was trained on
+(`hndsr.raster.DataSpec`; absent in older checkpoints, which are RGB with the fixed default scales).
+
 Loading rebuilds each network from its saved config, never from params.yaml, and never unpickles anything.
 Each stage's config.json records the SHA-256 of the upstream weights it was trained on, so a model assembled
 from checkpoints of different runs is refused instead of silently producing garbage.
@@ -27,6 +30,7 @@ from hndsr.networks import (
     OperatorConfig,
     UNetConfig,
 )
+from hndsr.raster import DataSpec
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -100,9 +104,18 @@ def upstream_hashes(stage: str, models_dir: str | Path) -> dict[str, str]:
 def load_model(models_dir: str | Path, *, with_diffusion: bool = True) -> HNDSR:
     """Assemble the composed model from `models_dir/{autoencoder,operator,diffusion}`, checking lineage."""
     models_dir = Path(models_dir)
-    autoencoder, _ = load_network(models_dir / "autoencoder", "autoencoder")
+    autoencoder, ae_meta = load_network(models_dir / "autoencoder", "autoencoder")
     operator, op_meta = load_network(models_dir / "operator", "operator")
     check_upstream(op_meta, "operator", models_dir)
+    try:
+        data = DataSpec.from_config(ae_meta.get("data"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{models_dir}/autoencoder/{CONFIG}: unreadable `data` entry ({exc}); "
+                              "re-run `dvc repro`") from None
+    if not data.channels == autoencoder.config.channels == operator.config.channels:
+        raise CheckpointError(f"{models_dir}: the checkpoints disagree on the band count (data spec "
+                              f"{data.channels}, autoencoder {autoencoder.config.channels}, operator "
+                              f"{operator.config.channels}); re-run `dvc repro`")
     unet, defaults, scheduler_config = None, SamplingDefaults(steps=0), DDIMConfig()
     if with_diffusion:
         unet, diff_meta = load_network(models_dir / "diffusion", "diffusion")
@@ -111,4 +124,4 @@ def load_model(models_dir: str | Path, *, with_diffusion: bool = True) -> HNDSR:
         scheduler_config = from_mapping(DDIMConfig, diff_meta["scheduler"], where="diffusion config.json:scheduler")
     low, high = op_meta["scale_range"]
     return HNDSR(autoencoder, operator, unet, DDIMScheduler(scheduler_config), min_scale=low, max_scale=high,
-                 defaults=defaults).eval()
+                 defaults=defaults, data=data).eval()

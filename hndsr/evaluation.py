@@ -1,12 +1,15 @@
 """Scoring a model on stored HR/LR pairs: the figures the evaluate stage reports and the promotion gate
-compares (PSNR, SSIM and detail ratio per scale, with the prior alone and bicubic as baselines)."""
+compares (PSNR, SSIM and detail ratio per scale, with the prior alone and bicubic as baselines), and the
+consistency of each output with its own LR (hndsr.consistency), which needs no HR."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
+from hndsr.consistency import Consistency
 from hndsr.metrics import detail_ratio, psnr, ssim
 from hndsr.model import bicubic_upsample
 from hndsr.splits import PairSet, to_float
@@ -18,6 +21,17 @@ def _scores(output: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"psnr": psnr(output, hr), "ssim": ssim(output, hr), "detail_ratio": detail_ratio(output, hr)}
 
 
+def consistency_figures(consistency: Consistency) -> dict[str, float]:
+    """The per-scale figures of hndsr.consistency that eval.json carries and the gate bounds: the shrunk-back
+    output's normalised RMSE against the LR (mean over bands), spectral angle (degrees) and shift (LR px, the
+    length of the pixel-weighted mean displacement over tiles)."""
+    summary = consistency.summary()
+    shift = summary["shift_px"]
+    return {"consistency_nrmse": round(summary["reflectance_nrmse"], 5),
+            "spectral_angle_deg": round(summary["spectral_angle_deg"] or 0.0, 4),
+            "shift_px": round(float(np.hypot(shift["dy"], shift["dx"])), 4)}
+
+
 def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_size: int, device,
           baselines: bool = True) -> dict:
     """Mean PSNR / SSIM / detail ratio of `model` on `test` ({scale: pairs}) per scale, as
@@ -27,6 +41,7 @@ def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_siz
     results = {}
     for scale, pairs in test.items():
         sums: dict[str, list[torch.Tensor]] = {}
+        consistency = Consistency(model.data, "uint8", model.data.channels)  # the splits hold 8-bit tiles
         for i in range(0, len(pairs.tile_ids), batch_size):
             lr = to_float(pairs.lr[i : i + batch_size]).to(device)
             hr = to_float(pairs.hr[i : i + batch_size]).to(device)
@@ -38,7 +53,11 @@ def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_siz
             for prefix, output in outputs.items():
                 for name, values in _scores(output.float(), hr).items():
                     sums.setdefault(prefix + name, []).append(values.cpu())
+            stored_lr = pairs.lr[i : i + batch_size].numpy()
+            for tile, lr_tile in zip(outputs[""].float().permute(0, 2, 3, 1).cpu().numpy(), stored_lr, strict=True):
+                consistency.add(tile, lr_tile, np.ones(lr_tile.shape[1:], dtype=bool), scale)
         results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}
+        results[f"{scale:g}"].update(consistency_figures(consistency))
         results[f"{scale:g}"]["tiles"] = len(pairs.tile_ids)
         log.info("scale %g: %s", scale, results[f"{scale:g}"])
     return results

@@ -1,9 +1,9 @@
 """The composed HNDSR model: autoencoder + neural operator (prior) + diffusion UNet refined with DDIM.
 
-    upsampled = bicubic(lr -> output size)                       # (B, 3, H, W)
+    upsampled = bicubic(lr -> output size)                       # (B, C, H, W)
     prior     = encode(upsampled) + operator(upsampled, scale)    # (B, latent, H/2, W/2)
     residual  = DDIM sample of the UNet, conditioned on prior     # steps = 0: residual = 0
-    hr        = decode(prior + strength * residual)               # (B, 3, H, W)
+    hr        = decode(prior + strength * residual)               # (B, C, H, W)
 
 The output size follows `hndsr.degradation.hr_size`: round_half_up(lr_size * scale) per axis. Internally
 the grid is padded (replicate) to a multiple of 4 (latent factor 2 x one UNet downsampling) and cropped back.
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from hndsr.degradation import check_scale, hr_size
 from hndsr.networks import LATENT_FACTOR, Autoencoder, DiffusionUNet, NeuralOperator
+from hndsr.raster import DataSpec
 from hndsr.scheduler import DDIMScheduler
 
 PAD_MULTIPLE = 2 * LATENT_FACTOR
@@ -36,7 +37,7 @@ class SamplingDefaults:
 
 
 def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The bicubic baseline (and the operator's input): (B, 3, h, w) -> (B, 3, *size), clamped to [0, 1]."""
+    """The bicubic baseline (and the operator's input): (B, C, h, w) -> (B, C, *size), clamped to [0, 1]."""
     return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
 
 
@@ -48,7 +49,7 @@ def latent_prior(autoencoder: Autoencoder, operator: NeuralOperator, lr: torch.T
                  size: tuple[int, int]) -> torch.Tensor:
     """The operator's structural prior on the padded output grid: encode(bicubic) + operator correction.
 
-    lr: (B, 3, h, w) in [0, 1]; size: output (H, W). Returns (B, latent, ceil4(H)/2, ceil4(W)/2).
+    lr: (B, C, h, w) in [0, 1]; size: output (H, W). Returns (B, latent, ceil4(H)/2, ceil4(W)/2).
     Used by the composed model and by training (with gradients), so both compute the same thing.
     """
     upsampled = _pad(bicubic_upsample(lr, size))
@@ -59,7 +60,7 @@ def latent_prior(autoencoder: Autoencoder, operator: NeuralOperator, lr: torch.T
 class HNDSR(nn.Module):
     def __init__(self, autoencoder: Autoencoder, operator: NeuralOperator, unet: DiffusionUNet | None,
                  scheduler: DDIMScheduler, *, min_scale: float, max_scale: float,
-                 defaults: SamplingDefaults | None = None) -> None:
+                 defaults: SamplingDefaults | None = None, data: DataSpec | None = None) -> None:
         super().__init__()
         self.autoencoder = autoencoder
         self.operator = operator
@@ -67,6 +68,7 @@ class HNDSR(nn.Module):
         self.scheduler = scheduler
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.defaults = defaults or SamplingDefaults()
+        self.data = data or DataSpec.fixed()  # bands and radiometry of the pixels it takes and returns
 
     def check_scale(self, scale: float) -> float:
         scale = check_scale(scale)
@@ -107,9 +109,9 @@ class HNDSR(nn.Module):
                       temperature: float | None = None, strength: float | None = None,
                       size: tuple[int, int] | None = None, clamp: bool = True,
                       callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """HR image for `lr` (B, 3, h, w) in [0, 1] at `scale`; `steps = 0` decodes the prior directly.
+        """HR image for `lr` (B, C, h, w) in [0, 1] at `scale`; `steps = 0` decodes the prior directly.
 
-        Returns (B, 3, H, W), with (H, W) = `size` or the size rule for `scale`, clamped to [0, 1] unless
+        Returns (B, C, H, W), with (H, W) = `size` or the size rule for `scale`, clamped to [0, 1] unless
         `clamp` is False (the promotion gate checks the raw decoder output). `seed` and `callback`: see
         `sample_residual`.
         """

@@ -20,6 +20,7 @@ LATENT_FACTOR = 2  # HR pixels per latent cell along each axis
 # ---------------------------------------------------------------------------------------------- autoencoder
 @dataclass(frozen=True)
 class AutoencoderConfig:
+    channels: int = 3  # image bands (the checkpoint's data spec names them)
     latent_channels: int = 8
     width: int = 32
     blocks: int = 1
@@ -40,9 +41,9 @@ class ResBlock(nn.Module):
 
 
 class Autoencoder(nn.Module):
-    """Pixels (B, 3, H, W) in [0, 1] <-> latent (B, latent_channels, H/2, W/2). H and W must be even.
+    """Pixels (B, C, H, W) in [0, 1] <-> latent (B, latent_channels, H/2, W/2). H and W must be even.
 
-    Each side is a linear map of 2x2 pixel blocks (space-to-depth, 12 values -> latent_channels) plus a
+    Each side is a linear map of 2x2 pixel blocks (space-to-depth, 4C values for C bands -> latent_channels) plus a
     convolutional residual body. `fit_linear` sets the linear maps to the data's whitened principal
     components and the bodies start at zero, so training starts from a near-lossless code (8 of 12 components
     keep > 99.99 % of the variance of satellite imagery) whose channels have unit variance, the scale the
@@ -53,7 +54,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.config = config
         c, blocks = config.width, config.blocks
-        pixels = 3 * LATENT_FACTOR**2
+        pixels = config.channels * LATENT_FACTOR**2
         self.enc_linear = nn.Conv2d(pixels, config.latent_channels, 1)
         self.enc_body = nn.Sequential(nn.Conv2d(pixels, c, 3, padding=1), *(ResBlock(c) for _ in range(blocks)),
                                       nn.Conv2d(c, config.latent_channels, 3, padding=1))
@@ -66,26 +67,27 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def fit_linear(self, images: torch.Tensor) -> None:
-        """Set the linear maps to the whitened top principal components of `images` (B, 3, H, W) in [0, 1]."""
-        blocks = F.pixel_unshuffle(images.float() * 2 - 1, LATENT_FACTOR).permute(0, 2, 3, 1).reshape(-1, 12)
+        """Set the linear maps to the whitened top principal components of `images` (B, C, H, W) in [0, 1]."""
+        values = self.config.channels * LATENT_FACTOR**2
+        blocks = F.pixel_unshuffle(images.float() * 2 - 1, LATENT_FACTOR).permute(0, 2, 3, 1).reshape(-1, values)
         mean = blocks.mean(0)
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov((blocks - mean).T))
         k = self.config.latent_channels
-        components = eigenvectors.flip(1)[:, :k]  # (12, k), largest variance first
+        components = eigenvectors.flip(1)[:, :k]  # (values, k), largest variance first
         std = eigenvalues.flip(0)[:k].clamp_min(1e-8).sqrt()  # (k,)
-        encode = components.T / std[:, None]  # (k, 12): whitened coordinates
+        encode = components.T / std[:, None]  # (k, values): whitened coordinates
         self.enc_linear.weight.copy_(encode[:, :, None, None])
         self.enc_linear.bias.copy_(-encode @ mean)
         self.dec_linear.weight.copy_((components * std[None, :])[:, :, None, None])
         self.dec_linear.bias.copy_(mean)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = F.pixel_unshuffle(x * 2 - 1, LATENT_FACTOR)  # (B, 12, H/2, W/2)
+        blocks = F.pixel_unshuffle(x * 2 - 1, LATENT_FACTOR)  # (B, 4C, H/2, W/2)
         return self.enc_linear(blocks) + self.enc_body(blocks)  # (B, latent, H/2, W/2)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        blocks = self.dec_linear(z) + self.dec_body(z)  # (B, 12, H/2, W/2)
-        return (F.pixel_shuffle(blocks, LATENT_FACTOR) + 1) / 2  # (B, 3, H, W), not clamped
+        blocks = self.dec_linear(z) + self.dec_body(z)  # (B, 4C, H/2, W/2)
+        return (F.pixel_shuffle(blocks, LATENT_FACTOR) + 1) / 2  # (B, C, H, W), not clamped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -94,6 +96,7 @@ class Autoencoder(nn.Module):
 # ------------------------------------------------------------------------------------ Fourier neural operator
 @dataclass(frozen=True)
 class OperatorConfig:
+    channels: int = 3  # image bands, as the autoencoder's
     latent_channels: int = 8
     width: int = 32
     modes: int = 12
@@ -142,7 +145,7 @@ class NeuralOperator(nn.Module):
         super().__init__()
         self.config = config
         c = config.width
-        self.lift = nn.Conv2d(3 * LATENT_FACTOR**2 + 3, c, 1)
+        self.lift = nn.Conv2d(config.channels * LATENT_FACTOR**2 + 3, c, 1)
         self.spectral = nn.ModuleList(SpectralConv2d(c, c, config.modes) for _ in range(config.layers))
         self.local = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(config.layers))
         self.project = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, config.latent_channels, 1))
@@ -150,8 +153,8 @@ class NeuralOperator(nn.Module):
         nn.init.zeros_(self.project[-1].bias)
 
     def forward(self, upsampled: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """upsampled: (B, 3, H, W) bicubic LR at the output size; scale: (B,). Returns (B, latent, H/2, W/2)."""
-        x = F.pixel_unshuffle(upsampled * 2 - 1, LATENT_FACTOR)  # (B, 12, H/2, W/2)
+        """upsampled: (B, C, H, W) bicubic LR at the output size; scale: (B,). Returns (B, latent, H/2, W/2)."""
+        x = F.pixel_unshuffle(upsampled * 2 - 1, LATENT_FACTOR)  # (B, 4C, H/2, W/2)
         batch, _, height, width = x.shape
         ys = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
         xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)

@@ -29,10 +29,16 @@ class PromoteParams:
     latency_repeats: int = 3
     latency_budget_ms: float = 5000.0
     seed: int = 0  # the seed of the reference run (same seed, same output)
+    # The output shrunk back by the degradation function against its own LR, at every evaluated scale
+    # (metrics/eval.json, hndsr.consistency): displacement by phase correlation, spectral angle, normalised RMSE.
+    max_shift_px: float = 0.1  # LR pixels
+    max_spectral_angle_deg: float = 2.0
+    max_consistency_nrmse: float = 0.02  # share of the radiometric range
 
     def __post_init__(self) -> None:
         for key in ("min_gain_over_bicubic", "max_psnr_regression", "max_ssim_regression", "range_margin",
-                    "max_out_of_range", "latency_budget_ms"):
+                    "max_out_of_range", "latency_budget_ms", "max_shift_px", "max_spectral_angle_deg",
+                    "max_consistency_nrmse"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"promote.{key}: must be a finite number >= 0, got {value}")

@@ -9,6 +9,9 @@ numbers it decided on. A candidate is promoted only if every check passes (thres
 - outputs_in_range: raw decoder output on the reference input finite, and at most max_out_of_range of it more
                     than range_margin outside [0, 1]
 - latency:          median reference-input latency at the default DDIM steps within latency_budget_ms
+- consistent:       at every evaluated scale, the output shrunk back by the degradation function against its own
+                    LR (hndsr.consistency, metrics/eval.json): shift <= max_shift_px, spectral angle <=
+                    max_spectral_angle_deg, normalised RMSE <= max_consistency_nrmse; none of it needs HR truth
 """
 
 from __future__ import annotations
@@ -48,6 +51,29 @@ def beats_bicubic(scores: dict[str, dict], params: PromoteParams) -> Check:
                  f"scale (least: x{worst} {margins[worst]:+.2f} dB)", {"gain_db": margins})
 
 
+CONSISTENCY = (("shift_px", "max_shift_px", "shift {:.4f} LR px"),
+               ("spectral_angle_deg", "max_spectral_angle_deg", "spectral angle {:.3f} deg"),
+               ("consistency_nrmse", "max_consistency_nrmse", "shrink-back RMSE {:.4f} of the range"))
+
+
+def consistent(scores: dict[str, dict], params: PromoteParams) -> Check:
+    """The output did not shift, change colour or invent values: bounds on eval.json's consistency figures."""
+    missing = sorted(s for s, v in scores.items() if any(key not in v for key, _, _ in CONSISTENCY))
+    if not scores or missing:
+        return Check("consistent", False, "the evaluation has no consistency figures"
+                     + (f" at x{', x'.join(missing)}" if missing else "") + ": re-run `dvc repro` (stage evaluate)")
+    failing = [f"x{scale} " + label.format(values[key]) + f" > {getattr(params, limit)}"
+               for scale, values in scores.items() for key, limit, label in CONSISTENCY
+               if values[key] > getattr(params, limit)]
+    figures = {scale: {key: values[key] for key, _, _ in CONSISTENCY} for scale, values in scores.items()}
+    if failing:
+        return Check("consistent", False, "the output is not consistent with its input: " + ", ".join(failing),
+                     figures)
+    worst = {key: max(v[key] for v in figures.values()) for key, _, _ in CONSISTENCY}
+    return Check("consistent", True, "shrunk back, the output matches its input at every scale (worst: "
+                 + ", ".join(label.format(worst[key]) for key, _, label in CONSISTENCY) + ")", figures)
+
+
 def no_regression(candidate: dict[str, dict], production: dict[str, dict] | None, production_version: str | None,
                   params: PromoteParams, *, split_note: str = "") -> Check:
     """Compare per-scale PSNR/SSIM with the production version's, on the same split (the caller makes sure)."""
@@ -81,7 +107,7 @@ def no_regression(candidate: dict[str, dict], production: dict[str, dict] | None
 
 def registered_copy(local_model, registered_model, params: PromoteParams, version: str) -> Check:
     """The registered version must reproduce the local checkpoints exactly (same input, scale and seed)."""
-    lr = reference_input()
+    lr = reference_input(local_model.data.channels)
     local = local_model.super_resolve(lr, params.reference_scale, seed=params.seed)
     loaded = registered_model.super_resolve(lr, params.reference_scale, seed=params.seed)
     max_diff = (local - loaded).abs().max().item() if local.shape == loaded.shape else float("inf")
@@ -94,7 +120,7 @@ def registered_copy(local_model, registered_model, params: PromoteParams, versio
 
 
 def outputs_in_range(model, params: PromoteParams) -> Check:
-    lr = reference_input()
+    lr = reference_input(model.data.channels)
     raw = model.super_resolve(lr, params.reference_scale, seed=params.seed, clamp=False)
     finite = bool(torch.isfinite(raw).all())
     outside = ((raw < -params.range_margin) | (raw > 1 + params.range_margin)).float().mean().item() if finite else 1.0
@@ -110,7 +136,7 @@ def outputs_in_range(model, params: PromoteParams) -> Check:
 
 
 def latency(model, params: PromoteParams) -> Check:
-    lr = reference_input()
+    lr = reference_input(model.data.channels)
     model.super_resolve(lr, params.reference_scale, seed=params.seed)  # warm-up
     times = []
     for _ in range(params.latency_repeats):

@@ -37,7 +37,8 @@ from registry.store import Registry, RegistryError, Version, eval_tags, redact, 
 
 log = logging.getLogger("hndsr.registry")
 
-EVAL_METRICS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "detail_ratio")
+EVAL_METRICS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "detail_ratio", "consistency_nrmse",
+                "spectral_angle_deg", "shift_px")
 MAX_ATTEMPTS = 3  # comparisons against a production alias that keeps moving before giving up
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc flavour, logged as model from code
 # What the pyfunc flavour needs at load time besides mlflow (which MLflow adds itself).
@@ -213,6 +214,7 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
                          f"version {version} was rolled back out of {params.alias}; register a new candidate"
                          if rolled_back else "never rolled back", {}),
               gate.beats_bicubic(candidate.scores, params),
+              gate.consistent(candidate.scores, params),
               gate.registered_copy(local_model, registered, params, version),
               gate.outputs_in_range(registered, params),
               gate.latency(registered, params)]

@@ -71,7 +71,7 @@ def accelerate(model, device: torch.device, *, precision: str = "auto", compile:
                min_psnr_db: float = 45.0, max_batch: int = 1) -> Acceleration:
     """Choose and check the cheaper modes for `model` (an hndsr HNDSR on `device`, float32, contiguous);
     leaves the model in the chosen layout (and with its UNet compiled if that was kept)."""
-    lr = reference_input().to(device)
+    lr = reference_input(model.data.channels).to(device)
     scales = sorted({model.min_scale, model.max_scale})
 
     def outputs(acceleration: Acceleration, batch: int = 1) -> list[torch.Tensor]:
@@ -176,7 +176,7 @@ def pass_megapixels(setting: float | str, model, device: torch.device, accelerat
         return float(setting)
     if device.type != "cuda":
         return CPU_PASS_MEGAPIXELS
-    lr = reference_input().to(device)
+    lr = reference_input(model.data.channels).to(device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)

@@ -22,9 +22,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 
-from hndsr.degradation import hr_size
-from serving import acceleration, loader
-from serving.engine import Engine, LoadedModel, smallest_tile
+from serving import acceleration, loader, runtime
 from serving.errors import error_response, install_handlers
 from serving.routers import health, inference, metrics
 from serving.settings import Settings, load_settings
@@ -43,25 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         acceleration.keep_freed_memory()
         try:
-            device = loader.pick_device(settings.device)
-            max_batch = acceleration.default_max_batch(settings.max_batch, device)
-            state.model = await asyncio.to_thread(loader.load, settings.model_uri, device,
-                                                  **_load_options(settings, max_batch))
-            budget = acceleration.pass_megapixels(settings.pass_megapixels, state.model.model, device,
-                                                  state.model.acceleration)
-            pass_pixels = int(budget * 1e6)
-            _check_budget(state.model, pass_pixels, settings.tile_overlap)
+            state.model, state.engine = await asyncio.to_thread(runtime.start, settings,
+                                                                on_batch=state.metrics.batch_size.observe)
         except loader.ModelLoadError as exc:
             log.error("cannot load the model, not starting: %s", exc)
             raise
         state.metrics.set_model(state.model.info)
-        workers = acceleration.default_workers(settings.workers, device)
-        state.engine = Engine(device, pass_pixels=pass_pixels, overlap=settings.tile_overlap, max_batch=max_batch,
-                              workers=workers, max_queue_pixels=settings.max_queue_pixels,
-                              on_batch=state.metrics.batch_size.observe)
-        log.info("engine on %s: passes of up to %.2f output megapixels (an image whose output fits is one tile), "
-                 "up to %d tiles per pass, %d passes in flight, tile overlap %d px", device, budget, max_batch,
-                 workers, settings.tile_overlap)
         state.ready = True
         poller = asyncio.create_task(_poll(state)) if settings.poll_s > 0 else None
         try:
@@ -107,8 +92,8 @@ async def _poll(state: State) -> None:
                 continue
             log.info("%s now points to version %s; loading it", settings.model_uri, version)
             new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
-                                          **_load_options(settings, state.engine.max_batch))
-            _check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
+                                          **runtime.load_options(settings, state.engine.max_batch))
+            runtime.check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
             state.model = new  # requests admitted earlier keep the model they captured
             state.metrics.set_model(new.info)
             log.info("now serving version %s", version)
@@ -118,19 +103,3 @@ async def _poll(state: State) -> None:
             log.error("hot reload failed, still serving version %s: %s",
                       state.model.info["version"] if state.model else "?", exc)
 
-
-def _load_options(settings: Settings, max_batch: int) -> dict:
-    """How loader.load checks a model's cheaper arithmetic (the batch size warms a compiled graph)."""
-    return {"precision": settings.precision, "compile": settings.compile, "min_psnr_db": settings.min_psnr_db,
-            "max_batch": max_batch}
-
-
-def _check_budget(loaded: LoadedModel, pass_pixels: int, overlap: int) -> None:
-    """ModelLoadError unless the pass budget holds the smallest tile at the model's largest scale (so every
-    request the model accepts has a tile plan)."""
-    scale = loaded.model.max_scale
-    smallest = hr_size(smallest_tile(overlap), scale) ** 2
-    if smallest > pass_pixels:
-        raise loader.ModelLoadError(
-            f"HNDSR_PASS_MEGAPIXELS={pass_pixels / 1e6:g} is too small for this model: the smallest tile at its "
-            f"largest scale (x{scale:g}) has {smallest / 1e6:.3f} output megapixels")

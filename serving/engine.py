@@ -15,6 +15,10 @@ operators). Every tile samples with its own seed (derived from the request's see
 result does not depend on what it was batched with: the same image, scale, steps and seed give the same output,
 alone or under load.
 
+Pixels: a request's image is (h, w, C) float32 model values in [0, 1] (hndsr.raster maps stored values, any
+bands and data type, to them and back); the result is (H, W, C) float32 in [0, 1], the model's own output for a
+one-tile image and the blend of the tiles otherwise.
+
 Arithmetic: a batch runs in the precision the model was admitted with at load (`LoadedModel.acceleration`,
 chosen and checked against float32 by serving/acceleration.py): bfloat16 autocast, or float32.
 
@@ -28,6 +32,7 @@ request fails with `Overloaded`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -42,7 +47,7 @@ import numpy as np
 import torch
 
 from hndsr.degradation import hr_size
-from hndsr.images import to_tensor, to_uint8
+from hndsr.model import PAD_MULTIPLE
 from serving.acceleration import Acceleration
 
 log = logging.getLogger("hndsr.serving")
@@ -68,6 +73,21 @@ class Tile:
 TILE_EDGES = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
+MAX_PERIOD = 32  # the longest tile-origin lattice used (see lattice_periods)
+
+
+def lattice_periods(scale: float, longest: int = MAX_PERIOD) -> list[int]:
+    """Tile-origin lattices for `scale`, best first: the smallest p <= `longest` with p * scale a whole multiple
+    of the model's grid multiple (PAD_MULTIPLE output px: the autoencoder's 2x2 blocks and the UNet's
+    downsampling), so a tile computes exactly the image's own grid and block phase; then the smallest with
+    p * scale a whole number (the output grid at least lands on whole pixels); then 1."""
+    def first(multiple: int) -> int | None:
+        return next((p for p in range(1, longest + 1)
+                     if abs(p * scale / multiple - round(p * scale / multiple)) < 1e-6), None)
+
+    return list(dict.fromkeys(p for p in (first(PAD_MULTIPLE), first(1), 1) if p is not None))
+
+
 def tile_count(length: int, edge: int, overlap: int) -> int:
     """How many tiles of `edge` px cover `length` px with neighbours overlapping by at least `overlap`."""
     return 1 if edge >= length else math.ceil((length - overlap) / (edge - overlap))
@@ -76,7 +96,8 @@ def tile_count(length: int, edge: int, overlap: int) -> int:
 def tile_shape(height: int, width: int, scale: float, pass_pixels: int, overlap: int) -> tuple[int, int]:
     """The LR tile shape for an image: the whole image if its output fits `pass_pixels`; else the shape from the
     ladder (or an axis's own length) whose output fits and that needs the fewest tiles, then the fewest pixels.
-    ValueError when not even the smallest tile fits the budget at this scale."""
+    `overlap` here is the effective one (see plan_tiles). ValueError when not even the smallest tile fits the
+    budget at this scale."""
     if hr_size(height, scale) * hr_size(width, scale) <= pass_pixels:
         return height, width
 
@@ -104,18 +125,35 @@ def smallest_tile(overlap: int) -> int:
 
 
 def plan_tiles(height: int, width: int, scale: float, pass_pixels: int, overlap: int) -> list[Tile]:
-    """Tiles covering an LR image (see the module doc); neighbours overlap by at least `overlap`, the last
-    ones are flush with the far edges."""
-    tile_h, tile_w = tile_shape(height, width, scale, pass_pixels, overlap)
+    """Tiles covering an LR image (see the module doc); neighbours overlap by at least `overlap`.
 
-    def starts(length: int, edge: int) -> list[int]:
-        count = tile_count(length, edge, overlap)
+    Tile origins lie on a lattice of p LR pixels (`lattice_periods`), so each tile's output grid is the image's
+    own shifted by a multiple of the model's 4 px grid: at x2.5 an origin at an odd LR pixel would put the tile's
+    output half a pixel off, and one at 2 px would shift the autoencoder's 2x2 blocks, each of which shows at the
+    seams. To keep the overlap after snapping, the shape is chosen with the overlap raised by p - 1; the last
+    tile of a row or column starts on the lattice and reaches the far edge, so it can be up to p - 1 px longer
+    than the others. When no tile fits the budget with a lattice, the next one is used (at worst, none)."""
+    for period in lattice_periods(scale):
+        effective = overlap + period - 1
+        try:
+            tile_h, tile_w = tile_shape(height, width, scale, pass_pixels, effective)
+            break
+        except ValueError:
+            if period == 1:
+                raise
+
+    def spans(length: int, edge: int) -> list[tuple[int, int]]:
+        count = tile_count(length, edge, effective)
         if count == 1:
-            return [0]
+            return [(0, length)]
         step = (length - edge) / (count - 1)
-        return [round(i * step) for i in range(count)]
+        if period == 1:
+            starts = [round(i * step) for i in range(count)]
+        else:
+            starts = [i * (length - edge) // ((count - 1) * period) * period for i in range(count)]  # exact
+        return [(start, length - start if i == count - 1 else edge) for i, start in enumerate(starts)]
 
-    return [Tile(y, x, tile_h, tile_w) for y in starts(height, tile_h) for x in starts(width, tile_w)]
+    return [Tile(y, x, h, w) for y, h in spans(height, tile_h) for x, w in spans(width, tile_w)]
 
 
 def _window(length: int, ramp: int, at_start: bool, at_end: bool) -> np.ndarray:
@@ -136,7 +174,7 @@ class Job:
     """One request in the engine."""
 
     model: object  # the LoadedModel captured at admission: a hot swap never mixes versions in one image
-    lr: np.ndarray  # (h, w, 3) uint8
+    lr: np.ndarray  # (h, w, C) float32 model values (hndsr.raster: stored values mapped to [0, 1])
     scale: float
     steps: int
     seed: int
@@ -145,7 +183,8 @@ class Job:
     out_width: int
     tiles: list[Tile]
     future: Future = field(default_factory=Future)
-    done: int = 0
+    done: int = 0  # tiles added to the accumulator, in plan order
+    arrived: dict = field(default_factory=dict)  # finished tiles waiting for an earlier one (index -> output)
     accumulator: np.ndarray | None = None
     weights: np.ndarray | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -212,16 +251,18 @@ class Engine:
                 raise Overloaded(f"the server is busy ({self._admitted_pixels} output pixels queued, budget "
                                  f"{self.max_queue_pixels})")
             self._admitted_pixels += job.pixels
-        job.accumulator = np.zeros((out_h, out_w, 3), dtype=np.float32)
+        job.accumulator = np.zeros((out_h, out_w, lr.shape[2]), dtype=np.float32)
         job.weights = np.zeros((out_h, out_w, 1), dtype=np.float32)
-        job.future.add_done_callback(lambda _: self._release(job))
+        # The callback holds the pixel count, not the job: a job -> future -> callback -> job cycle would keep
+        # every finished job's input and output alive until the cyclic garbage collector happened to run.
+        job.future.add_done_callback(functools.partial(self._release, job.pixels))
         for index in range(len(job.tiles)):
             self._queue.put((job, index))
         return job
 
-    def _release(self, job: Job) -> None:
+    def _release(self, pixels: int, _future: Future) -> None:
         with self._lock:
-            self._admitted_pixels -= job.pixels
+            self._admitted_pixels -= pixels
 
     def close(self) -> None:
         for _ in self.workers:
@@ -269,17 +310,21 @@ class Engine:
                 batch = self._next_batch()
             if batch is None:
                 return
-            now = time.monotonic()
-            live = []
-            for job, index in batch:
-                if job.future.done():
-                    continue
-                if now > job.deadline:
-                    job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
-                    continue
-                live.append((job, index))
-            if live:
-                self._run_batch(live)
+            self._serve(batch)
+            del batch  # no finished job stays referenced while this worker waits for the next batch
+
+    def _serve(self, batch: list[tuple[Job, int]]) -> None:
+        now = time.monotonic()
+        live = []
+        for job, index in batch:
+            if job.future.done():
+                continue
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                continue
+            live.append((job, index))
+        if live:
+            self._run_batch(live)
 
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
         try:
@@ -319,10 +364,10 @@ class Engine:
             if all(time.monotonic() > job.deadline for job in jobs):
                 raise DeadlineExceeded(f"the deadline passed after {done} of {total} DDIM steps")
 
-        x = to_tensor(lr).to(loaded.device)
+        x = torch.from_numpy(lr).permute(0, 3, 1, 2).to(loaded.device)
         with torch.inference_mode(), loaded.acceleration.autocast(loaded.device):
             hr = self._sampler(loaded).super_resolve(x, job0.scale, steps=job0.steps, seed=seeds, callback=check_deadline)
-        return list(to_uint8(hr.float()))
+        return list(hr.float().permute(0, 2, 3, 1).cpu().numpy())
 
     def _sampler(self, loaded: LoadedModel):
         """This worker's copy of the model for sampling: the networks are shared, the DDIM scheduler (which keeps
@@ -335,6 +380,25 @@ class Engine:
         return cached[1]
 
     def _blend(self, job: Job, index: int, output: np.ndarray) -> None:
+        """Add a finished tile to its job's output. Tiles are added in plan order whatever order they finish in
+        (a later one waits in `job.arrived`), so float sums in the overlaps, and thus the result, never depend on
+        which worker finished first."""
+        with job.lock:
+            assert job.accumulator is not None and job.weights is not None
+            job.arrived[index] = output
+            while job.done in job.arrived:
+                self._add(job, job.done, job.arrived.pop(job.done))
+                job.done += 1
+            finished = job.done == len(job.tiles)
+        if finished and not job.future.done():
+            if len(job.tiles) == 1:
+                result = output[: job.out_height, : job.out_width]
+            else:
+                result = job.accumulator / job.weights
+            job.accumulator = job.weights = None
+            job.future.set_result(result)
+
+    def _add(self, job: Job, index: int, output: np.ndarray) -> None:
         tile, scale = job.tiles[index], job.scale
         at_bottom, at_right = tile.y + tile.height >= job.lr.shape[0], tile.x + tile.width >= job.lr.shape[1]
         # Tiles flush with the far edge are placed flush with the output's edge, so rounding never leaves a gap.
@@ -347,19 +411,8 @@ class Engine:
         wy = _window(output.shape[0], ramp, tile.y == 0, at_bottom)[:height]
         wx = _window(output.shape[1], ramp, tile.x == 0, at_right)[:width]
         weight = (wy[:, None] * wx[None, :])[..., None]
-        with job.lock:
-            assert job.accumulator is not None and job.weights is not None
-            job.accumulator[y0 : y0 + height, x0 : x0 + width] += output[:height, :width] * weight
-            job.weights[y0 : y0 + height, x0 : x0 + width] += weight
-            job.done += 1
-            finished = job.done == len(job.tiles)
-        if finished and not job.future.done():
-            if len(job.tiles) == 1:
-                result = output[: job.out_height, : job.out_width]
-            else:
-                result = np.floor(job.accumulator / job.weights + 0.5).clip(0, 255).astype(np.uint8)
-            job.accumulator = job.weights = None
-            job.future.set_result(result)
+        job.accumulator[y0 : y0 + height, x0 : x0 + width] += output[:height, :width] * weight
+        job.weights[y0 : y0 + height, x0 : x0 + width] += weight
 
 
 def _crop(image: np.ndarray, tile: Tile) -> np.ndarray:

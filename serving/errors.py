@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hndsr.images import ImageDecodeError, ImageTooLarge, UnsupportedFormat
+from hndsr.raster import BadGeoreference, BandMismatch, RasterError, UnsupportedDtype, UnsupportedOutput
 
 
 class ClientError(Exception):
@@ -23,6 +24,11 @@ class ClientError(Exception):
 # Most specific first: (error type, status, code, what the client should do).
 IMAGE_ERRORS: tuple[tuple[type[ImageDecodeError], int, str, str], ...] = (
     (ImageTooLarge, 413, "input_too_large", "send a smaller image"),
+    (BandMismatch, 422, "wrong_bands", ""),
+    (UnsupportedDtype, 422, "unsupported_dtype", "convert the raster to one of these types"),
+    (UnsupportedOutput, 422, "unsupported_output", ""),
+    (BadGeoreference, 400, "bad_georeference", ""),
+    (RasterError, 400, "bad_raster", "send a readable TIFF/GeoTIFF"),
     (UnsupportedFormat, 415, "unsupported_image", "send a PNG, JPEG or TIFF"),
     (ImageDecodeError, 400, "bad_image", ""),
 )

@@ -83,6 +83,7 @@ def load(model_uri: str, device: torch.device, *, version: str | None = None, pr
     loaded.info["inference"] = loaded.acceleration.report()
     loaded.info["default_steps"] = loaded.model.defaults.steps
     loaded.info["scale_range"] = [loaded.model.min_scale, loaded.model.max_scale]
+    loaded.info["data"] = loaded.model.data.to_config()  # the bands it takes and each data type's mapping
     loaded.info["device"] = str(device)
     log.info("loaded model %s (version %s) on %s in %.1f s; %s%s", model_uri, loaded.info["version"], device,
              time.perf_counter() - start, loaded.acceleration.precision,

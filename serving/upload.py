@@ -1,5 +1,5 @@
 """Reading the `/v1/super-resolve` request: a multipart body with the image (`file`) and the form fields `scale`,
-`steps` and `seed`. The byte limit is enforced while the body streams in, before it is parsed to the end, so a
+`steps`, `seed`, `format` (png or tiff) and `bands` (1-based raster bands, e.g. 1,2,3). The byte limit is enforced while the body streams in, before it is parsed to the end, so a
 client cannot make the server hold more than HNDSR_MAX_UPLOAD_BYTES of it."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ class Upload:
     scale: float
     steps: int | None  # None: the model's default
     seed: int
+    format: str | None = None  # png | tiff; None: by the input (serving/rasters.py)
+    bands: list[int] | None = None  # 1-based bands of a raster to feed the model
 
 
 async def read_upload(request: Request, max_bytes: int) -> Upload:
@@ -61,6 +63,8 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         scale = _number(form.get("scale"), "scale", float, required=True)
         steps = _number(form.get("steps"), "steps", int)
         seed = _number(form.get("seed"), "seed", int)
+        fmt = _text(form.get("format"), "format")
+        bands = _text(form.get("bands"), "bands")
     finally:
         await form.close()
     if not math.isfinite(scale):
@@ -69,7 +73,28 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         raise ClientError(422, "steps_out_of_range", f"steps must be 0 or more, got {steps}")
     if seed is not None and not 0 <= seed < 2**63:
         raise ClientError(422, "invalid_seed", f"seed must be between 0 and 2^63-1, got {seed}")
-    return Upload(data, scale, steps, seed or 0)
+    if fmt is not None and fmt.lower() not in ("png", "tiff", "tif", "geotiff"):
+        raise ClientError(422, "invalid_format", f"format must be png or tiff, got {fmt[:20]!r}")
+    fmt = None if fmt is None else "png" if fmt.lower() == "png" else "tiff"
+    return Upload(data, scale, steps, seed or 0, fmt, None if bands is None else _band_list(bands))
+
+
+def _text(value, name: str) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ClientError(422, f"invalid_{name}", f"`{name}` must be a plain form field, not a file")
+    return value.strip()
+
+
+def _band_list(text: str) -> list[int]:
+    try:
+        bands = [int(part) for part in text.split(",")]
+    except ValueError:
+        bands = []
+    if not bands or min(bands) < 1:
+        raise ClientError(422, "invalid_bands", f"`bands` must be 1-based band indexes like 1,2,3, got {text[:40]!r}")
+    return bands
 
 
 def _number(value, name: str, kind, *, required: bool = False):

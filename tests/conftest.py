@@ -19,19 +19,30 @@ REPO = Path(__file__).resolve().parents[1]
 REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO.parent / "shared" / "data" / "realsat"))
 
 
-@pytest.fixture(scope="session")
-def realsat() -> Path:
-    """The ten real satellite/aerial images beside the repository (or at $HNDSR_REALSAT).
+GEOTIFF = Path(os.environ.get("HNDSR_GEOTIFF", REPO.parent / "shared" / "data" / "geotiff"))
 
-    Missing images fail the tests, except where HNDSR_REALSAT_OPTIONAL=1 says this host cannot have them
-    (GitHub's runners): there the tests that need them are skipped, visibly.
-    """
-    if not REALSAT.is_dir():
-        message = f"{REALSAT} is missing: the tests need the real-image folder (set HNDSR_REALSAT)"
+
+def _shared_folder(folder: Path, what: str, variable: str) -> Path:
+    """A folder of real data beside the repository. Missing, it fails the tests, except where
+    HNDSR_REALSAT_OPTIONAL=1 says this host cannot have it (GitHub's runners): there they are skipped, visibly."""
+    if not folder.is_dir():
+        message = f"{folder} is missing: the tests need the {what} folder (set {variable})"
         if os.environ.get("HNDSR_REALSAT_OPTIONAL") == "1":
             pytest.skip(message)
         pytest.fail(message)
-    return REALSAT
+    return folder
+
+
+@pytest.fixture(scope="session")
+def realsat() -> Path:
+    """The ten real satellite/aerial images beside the repository (or at $HNDSR_REALSAT)."""
+    return _shared_folder(REALSAT, "real-image", "HNDSR_REALSAT")
+
+
+@pytest.fixture(scope="session")
+def geotiff() -> Path:
+    """The five real georeferenced rasters beside the repository (or at $HNDSR_GEOTIFF)."""
+    return _shared_folder(GEOTIFF, "real GeoTIFF", "HNDSR_GEOTIFF")
 
 
 def free_port() -> int:

@@ -4,11 +4,13 @@ alone (steps = 0) and bicubic upsampling.
 Writes `metrics/eval.json`:
 
     {"scales": {"4": {"psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "prior_ssim",
-                      "detail_ratio", "prior_detail_ratio", "bicubic_detail_ratio", "tiles"}, ...},
+                      "detail_ratio", "prior_detail_ratio", "bicubic_detail_ratio",
+                      "consistency_nrmse", "spectral_angle_deg", "shift_px", "tiles"}, ...},
      "steps", "temperature", "seed", "dataset_hash", "models": {stage: weights sha256}}
 
 `detail_ratio` is the output's high-frequency energy over the HR's (hndsr.metrics): 1 is the HR's texture,
-below 1 smoother. The same figures go to an MLflow run (`test_psnr_x4`, ...) with a sample grid image
+below 1 smoother. `consistency_nrmse`, `spectral_angle_deg` and `shift_px` compare HNDSR's output, shrunk back
+by the degradation function, with its own LR (hndsr.consistency; the gate bounds them). The same figures go to an MLflow run (`test_psnr_x4`, ...) with a sample grid image
 (LR | bicubic | prior | HNDSR | HR) for the test tiles with the most detail, also written to
 `reports/eval_grid.png`.
 """

@@ -22,6 +22,7 @@ from hndsr.checkpoint import UPSTREAM, load_network, save_network, upstream_hash
 from hndsr.checkpoint import check_upstream as check_lineage
 from hndsr.model import HNDSR
 from hndsr.params import load_common, params_hash
+from hndsr.raster import DataSpec
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
 from hndsr.splits import dataset_hash, load_hr_tiles, load_pairs
 from training import tracking
@@ -85,6 +86,8 @@ def run_stage(stage: str, params_path: str) -> dict:
         extra = {"upstream": upstream_hashes(stage, models_dir), "scale_range": list(scale_range),
                  "run_id": run_id, "dataset_hash": data_hash, "best_params": study.best_params,
                  "study": study.study_name}
+        if stage == "autoencoder":  # the pixel interface: the bands and radiometry of the training data
+            extra["data"] = DataSpec.fixed().to_config()  # the ETL's tiles are 8-bit RGB (hndsr.images rule)
         if stage == "diffusion":
             model = HNDSR(ctx.autoencoder, ctx.operator, best.network,
                           DDIMScheduler(DDIMConfig(extras.num_train_timesteps, extras.prediction_type)),

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from hndsr.degradation import hr_size
-from hndsr.images import ImageDecodeError, decode_rgb, encode_png
+from hndsr.images import ImageDecodeError
+from serving import rasters
 from serving.engine import DeadlineExceeded, Overloaded
 from serving.errors import ClientError, image_error
 from serving.state import StateDep, require_api_key
@@ -25,15 +26,23 @@ UPLOAD_SCHEMA = {
             "type": "object",
             "required": ["file", "scale"],
             "properties": {
-                "file": {"type": "string", "format": "binary", "description": "PNG, JPEG or TIFF image"},
+                "file": {"type": "string", "format": "binary",
+                         "description": "PNG, JPEG or TIFF/GeoTIFF (any data type and band count the model takes)"},
                 "scale": {"type": "number", "description": "scale factor within the model's range, e.g. 4 or 2.5"},
                 "steps": {"type": "integer", "minimum": 0,
                           "description": "DDIM steps; 0 = prior only; default: the model's validated default"},
                 "seed": {"type": "integer", "minimum": 0, "description": "sampling seed (default 0)"},
+                "format": {"type": "string", "enum": ["png", "tiff"],
+                           "description": "answer format; default PNG for 8-bit RGB, GeoTIFF otherwise "
+                                          "(or send Accept: image/tiff)"},
+                "bands": {"type": "string", "description": "1-based raster bands to use, e.g. 1,2,3 "
+                                                           "(default: every band but alpha)"},
             },
         }}},
     },
-    "responses": {"200": {"description": "the super-resolved image", "content": {"image/png": {}}}},
+    "responses": {"200": {"description": "the super-resolved image (a GeoTIFF keeps the input's CRS, origin, "
+                                         "data type, bands and nodata; pixel size / scale)",
+                          "content": {"image/png": {}, "image/tiff": {}}}},
 }
 
 
@@ -64,17 +73,21 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
     steps = model.model.defaults.steps if upload.steps is None else upload.steps
     if steps > settings.max_steps:
         raise ClientError(422, "steps_out_of_range", f"steps must be between 0 and {settings.max_steps}, got {steps}")
+    spec = model.model.data
     try:
-        pixels = await asyncio.to_thread(decode_rgb, upload.image, max_pixels=settings.max_input_pixels)
+        decoded = await asyncio.to_thread(rasters.decode, upload.image, spec, upload.bands,
+                                          settings.max_input_pixels)
+        fmt = rasters.choose_format(upload.format, request.headers.get("accept", ""), decoded)
     except ImageDecodeError as exc:
         raise image_error(exc) from None
-    out_h, out_w = hr_size(pixels.shape[0], scale), hr_size(pixels.shape[1], scale)
+    in_h, in_w = decoded.lr.shape[:2]
+    out_h, out_w = hr_size(in_h, scale), hr_size(in_w, scale)
     if out_h * out_w > settings.max_output_pixels:
         raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
                           f"pixels, above the limit of {settings.max_output_pixels}; use a smaller image or scale")
     start = time.perf_counter()
     try:
-        job = state.engine.submit(model, pixels, scale, steps, seed, settings.deadline_s)
+        job = state.engine.submit(model, decoded.lr, scale, steps, seed, settings.deadline_s)
     except Overloaded as exc:
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
     try:
@@ -84,10 +97,14 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
     except Overloaded as exc:
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "5"}) from None
     elapsed = time.perf_counter() - start
-    body = await asyncio.to_thread(encode_png, output, settings.png_compress_level)
+    version = str(model.info["version"])
+    body = await asyncio.to_thread(
+        rasters.encode, output, decoded, spec, scale, fmt, png_compress_level=settings.png_compress_level,
+        tags={"HNDSR_MODEL_VERSION": version, "HNDSR_SCALE": f"{scale:.10g}", "HNDSR_STEPS": str(steps),
+              "HNDSR_SEED": str(seed)})
     state.metrics.images.inc()
     state.metrics.pixels.inc(out_h * out_w)
-    return Response(body, media_type="image/png", headers={
-        "X-Model-Version": str(model.info["version"]), "X-Model-Alias": str(model.info.get("alias") or ""),
+    return Response(body, media_type=rasters.FORMATS[fmt], headers={
+        "X-Model-Version": version, "X-Model-Alias": str(model.info.get("alias") or ""),
         "X-Inference-Time-Ms": f"{elapsed * 1000:.1f}", "X-Output-Size": f"{out_w}x{out_h}",
         "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed)})

@@ -97,7 +97,7 @@ def test_checkpoint_round_trip_rebuilds_from_config(tmp_path):
     assert torch.equal(loaded.super_resolve(lr, 3.0, seed=3), model.super_resolve(lr, 3.0, seed=3))
     assert loaded.defaults == model.defaults
     config = json.loads((models / "operator" / "config.json").read_text())
-    assert config["config"] == {"latent_channels": 4, "width": 8, "modes": 4, "layers": 2}
+    assert config["config"] == {"channels": 3, "latent_channels": 4, "width": 8, "modes": 4, "layers": 2}
     assert config["code_version"]
 
 

@@ -283,6 +283,7 @@ def test_gate_checks_in_isolation():
     """The checks' arithmetic without a server: margins, tolerance, NaN outputs, latency budget."""
     import torch
 
+    from hndsr.raster import DataSpec
     from registry import gate
     from registry.config import PromoteParams
     from registry.store import eval_tags, scores_from_tags
@@ -303,6 +304,7 @@ def test_gate_checks_in_isolation():
 
     class Broken:
         defaults = type("D", (), {"steps": 1})()
+        data = DataSpec.fixed()
 
         def super_resolve(self, lr, scale, *, seed=None, clamp=True):
             out = torch.zeros(1, 3, 4, 4)
@@ -311,3 +313,14 @@ def test_gate_checks_in_isolation():
 
     assert not gate.outputs_in_range(Broken(), params).passed
     assert not gate.latency(Broken(), PromoteParams(latency_budget_ms=0.0)).passed
+
+    figures = {"consistency_nrmse": 0.006, "spectral_angle_deg": 0.4, "shift_px": 0.003}
+    good = {"2": dict(figures), "4": dict(figures)}
+    assert gate.consistent(good, params).passed
+    shifted = {"2": dict(figures), "4": {**figures, "shift_px": 0.25}}
+    check = gate.consistent(shifted, params)
+    assert not check.passed and "x4 shift 0.2500 LR px > 0.1" in check.detail
+    assert not gate.consistent({"2": {**figures, "spectral_angle_deg": 3.0}}, params).passed
+    assert not gate.consistent({"2": {**figures, "consistency_nrmse": 0.05}}, params).passed
+    old = gate.consistent({"2": {"psnr": 30.0}}, params)  # an eval.json from before the figures existed
+    assert not old.passed and "re-run `dvc repro` (stage evaluate)" in old.detail

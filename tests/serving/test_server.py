@@ -30,26 +30,30 @@ from hndsr.networks import (
     OperatorConfig,
     UNetConfig,
 )
+from hndsr.raster import DEFAULT_BANDS, DataSpec
 from tests.conftest import free_port, stop_process
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def write_model(folder: Path, seed: int, *, local: bool = False) -> Path:
+def write_model(folder: Path, seed: int, *, local: bool = False, bands: tuple[str, ...] = DEFAULT_BANDS,
+                scales: dict[str, float] | None = None) -> Path:
     """Random small networks as checkpoints. `local`: a lossless autoencoder (all 12 components of the 2x2
     blocks) and the operator at its untrained zero start, so like a trained model the output at a pixel depends
     on its neighbourhood only (a random operator sees grid coordinates; a lossy random autoencoder has a 2x2
-    block phase), which the tiling test needs."""
+    block phase), which the tiling test needs. `bands` and `scales`: the data spec (hndsr.raster) it records."""
     torch.manual_seed(seed)
-    latent = 12 if local else 4
-    ae = Autoencoder(AutoencoderConfig(latent_channels=latent, width=8, blocks=1))
-    ae.fit_linear(torch.rand(2, 3, 16, 16))
-    op = NeuralOperator(OperatorConfig(latent_channels=latent, width=8, modes=4, layers=2))
+    channels = len(bands)
+    latent = 4 * channels if local else 4
+    ae = Autoencoder(AutoencoderConfig(channels=channels, latent_channels=latent, width=8, blocks=1))
+    ae.fit_linear(torch.rand(2, channels, 16, 16))
+    op = NeuralOperator(OperatorConfig(channels=channels, latent_channels=latent, width=8, modes=4, layers=2))
     torch.nn.init.normal_(op.project[-1].weight, std=0.0 if local else 0.01)
     unet = DiffusionUNet(UNetConfig(latent_channels=latent, width=8, emb_dim=16))
     torch.nn.init.normal_(unet.out.weight, std=0.1)
-    save_network(folder / "autoencoder", "autoencoder", ae)
+    save_network(folder / "autoencoder", "autoencoder", ae,
+                 extra={"data": DataSpec.fixed(tuple(bands), scales).to_config()})
     save_network(folder / "operator", "operator", op,
                  extra={"upstream": upstream_hashes("operator", folder), "scale_range": [2.0, 4.0]})
     save_network(folder / "diffusion", "diffusion", unet,

@@ -1,0 +1,329 @@
+"""Rasters (GeoTIFF and any other file GDAL reads): bands, radiometry and nodata, read and written with rasterio.
+
+The model works on float pixels in [0, 1], one channel per band it was trained on. `DataSpec` says which bands
+those are and how stored values map to that range and back (the radiometry); it is recorded in the checkpoint
+(the autoencoder's config.json, key ``data``) and applied by everything that reads or writes pixels.
+
+Radiometry, per kind of stored value (``8bit``: uint8; ``16bit``: uint16 and int16; ``float``: float32 and
+float64), per band: ``model = (stored - low) / (high - low)`` and back ``stored = low + model * (high - low)``,
+rounded half up and clipped to the type's range for integers. ``method`` says where low and high came from:
+``fixed`` (low 0, high = a declared scale: 255 for 8-bit, which is exactly what PNG and JPEG inputs get;
+65535 for 16-bit and 1 for float unless the params say otherwise, e.g. 10000 for reflectance x 10000) or
+``percentile`` (per-band percentiles of the training split). The model only sees [0, 1]: stored values outside
+the mapped range are clipped by the model's bicubic step, so an output never leaves the mapped range.
+
+Nodata: a pixel is nodata where GDAL's dataset mask says so (the nodata value of every band, an internal mask,
+or an alpha band). Before inference nodata pixels are filled from their valid neighbours (GDAL's
+``fillnodata``: inverse-distance interpolation), so valid pixels at a collar's edge are never pulled toward the
+fill value; after inference the mask is upscaled (nearest, by pixel centre) and those output pixels are set back
+to nodata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.fill
+from affine import Affine
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+from rasterio.windows import Window
+
+from hndsr.errors import UserError
+from hndsr.images import ImageDecodeError
+
+KINDS = {"uint8": "8bit", "uint16": "16bit", "int16": "16bit", "float32": "float", "float64": "float"}
+DEFAULT_SCALES = {"8bit": 255.0, "16bit": 65535.0, "float": 1.0}
+DEFAULT_BANDS = ("red", "green", "blue")
+FILL_DISTANCE = 64  # LR pixels searched by fillnodata; farther nodata gets the band mean of valid pixels
+BLOCK = 512  # output GeoTIFF block edge
+
+
+class RasterError(ImageDecodeError, UserError):
+    """A raster that cannot be read or that the model cannot take; the message says what to fix."""
+
+
+class BandMismatch(RasterError):
+    """The input's band count is not the model's."""
+
+
+class UnsupportedDtype(RasterError):
+    """A data type the radiometry does not cover."""
+
+
+class BadGeoreference(RasterError):
+    """A coordinate reference system or transform that cannot be read."""
+
+
+class UnsupportedOutput(RasterError):
+    """An output format that cannot carry the result (PNG for more than 8-bit RGB)."""
+
+
+@dataclass(frozen=True)
+class BandRange:
+    """How one kind of stored value maps to the model's [0, 1]: per band, ``(v - low) / (high - low)``."""
+
+    method: str  # fixed | percentile
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    def to_config(self) -> dict:
+        return {"method": self.method, "low": list(self.low), "high": list(self.high)}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The bands a model was trained on and the radiometry of each kind of stored value."""
+
+    bands: tuple[str, ...]
+    radiometry: Mapping[str, BandRange]
+
+    @property
+    def channels(self) -> int:
+        return len(self.bands)
+
+    @classmethod
+    def fixed(cls, bands: tuple[str, ...] = DEFAULT_BANDS, scales: Mapping[str, float] | None = None) -> DataSpec:
+        """Low 0 and high = the scale of each kind (`DEFAULT_SCALES` where `scales` names none), every band."""
+        scales = {**DEFAULT_SCALES, **(scales or {})}
+        n = len(bands)
+        return cls(tuple(bands), {kind: BandRange("fixed", (0.0,) * n, (float(scales[kind]),) * n)
+                                  for kind in DEFAULT_SCALES})
+
+    @classmethod
+    def from_config(cls, data: Mapping | None) -> DataSpec:
+        """From a checkpoint's ``data`` entry; None (checkpoints from before bands and radiometry were recorded):
+        RGB with the fixed default scales, which is what those models were trained with."""
+        if data is None:
+            return cls.fixed()
+        bands = tuple(str(b) for b in data["bands"])
+        radiometry = {kind: BandRange(str(r["method"]), tuple(map(float, r["low"])), tuple(map(float, r["high"])))
+                      for kind, r in data["radiometry"].items()}
+        spec = cls(bands, radiometry)
+        spec.validate()
+        return spec
+
+    def to_config(self) -> dict:
+        return {"bands": list(self.bands), "radiometry": {k: r.to_config() for k, r in sorted(self.radiometry.items())}}
+
+    def validate(self) -> None:
+        for kind, band_range in self.radiometry.items():
+            if kind not in DEFAULT_SCALES:
+                raise ValueError(f"radiometry: unknown kind {kind!r} (known: {', '.join(DEFAULT_SCALES)})")
+            if not len(band_range.low) == len(band_range.high) == self.channels:
+                raise ValueError(f"radiometry.{kind}: {len(band_range.low)} lows and {len(band_range.high)} highs "
+                                 f"for {self.channels} bands")
+            if any(not (math.isfinite(lo) and math.isfinite(hi) and hi > lo)
+                   for lo, hi in zip(band_range.low, band_range.high, strict=True)):
+                raise ValueError(f"radiometry.{kind}: every high must be finite and above its low")
+
+    def describe(self) -> str:
+        return f"{self.channels} bands ({', '.join(self.bands)})"
+
+    def band_range(self, dtype: str) -> BandRange:
+        kind = KINDS.get(str(dtype))
+        if kind is None:
+            raise UnsupportedDtype(f"unsupported data type {dtype}; supported: {', '.join(KINDS)}")
+        return self.radiometry[kind]
+
+    def to_model(self, values: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        """(C, h, w) stored values -> (C, h, w) float32 model values (not clipped)."""
+        band_range = self.band_range(dtype or values.dtype.name)
+        low, high = _column(band_range.low), _column(band_range.high)
+        return ((values.astype(np.float32) - low) / (high - low)).astype(np.float32, copy=False)
+
+    def from_model(self, values: np.ndarray, dtype: str) -> np.ndarray:
+        """(C, H, W) float model values -> (C, H, W) stored values of `dtype` (integers rounded half up, clipped).
+        In float32, as `hndsr.images.to_uint8`, so 8-bit results are bit-identical to the PNG path's."""
+        band_range = self.band_range(dtype)
+        low, high = _column(band_range.low), _column(band_range.high)
+        stored = low + values.astype(np.float32, copy=False) * (high - low)
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            info = np.iinfo(dtype)
+            return np.floor(stored + np.float32(0.5)).clip(info.min, info.max).astype(dtype)
+        return stored.astype(dtype)
+
+    def image_to_model(self, pixels: np.ndarray) -> np.ndarray:
+        """(h, w, C) stored values -> (h, w, C) float32 model values."""
+        return np.ascontiguousarray(self.to_model(pixels.transpose(2, 0, 1)).transpose(1, 2, 0))
+
+    def image_from_model(self, output: np.ndarray, dtype: str) -> np.ndarray:
+        """(H, W, C) float model values -> (H, W, C) stored values of `dtype`."""
+        return np.ascontiguousarray(self.from_model(output.transpose(2, 0, 1), dtype).transpose(1, 2, 0))
+
+
+def _column(values: tuple[float, ...], dtype=np.float32) -> np.ndarray:
+    return np.asarray(values, dtype=dtype)[:, None, None]
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+@contextlib.contextmanager
+def open_raster(source: str | Path | bytes) -> Iterator[rasterio.DatasetReader]:
+    """Open a path or in-memory bytes with rasterio; RasterError with GDAL's reason when it cannot."""
+    try:
+        if isinstance(source, bytes):
+            with MemoryFile(source) as memory, memory.open() as dataset:
+                yield dataset
+        else:
+            with rasterio.open(source) as dataset:
+                yield dataset
+    except rasterio.errors.RasterioIOError as exc:
+        reason = re.sub(r"'?/vsimem/\S+'? ", "it is ", str(exc).splitlines()[0])  # the in-memory name means nothing
+        raise RasterError(f"cannot read the raster: {reason}") from None
+
+
+def data_bands(dataset: rasterio.DatasetReader, bands: list[int] | None, spec: DataSpec) -> list[int]:
+    """The 1-based band indexes to feed the model: `bands` if given, else every band that is not alpha; checked
+    against the model's band count and data type (RasterError saying what the model expects)."""
+    if dataset.dtypes[0] not in KINDS or len(set(dataset.dtypes)) > 1:
+        raise UnsupportedDtype(f"unsupported data type {'/'.join(sorted(set(dataset.dtypes)))}; supported: "
+                          f"{', '.join(KINDS)} (one type for every band)")
+    if bands is None:
+        indexes = [i for i, c in zip(dataset.indexes, dataset.colorinterp, strict=True) if c != ColorInterp.alpha]
+    else:
+        bad = [b for b in bands if not 1 <= b <= dataset.count]
+        if bad:
+            raise BandMismatch(f"band {bad[0]} does not exist: the raster has bands 1..{dataset.count}")
+        indexes = list(bands)
+    if len(indexes) != spec.channels:
+        raise BandMismatch(f"the model expects {spec.describe()}; the raster has {len(indexes)} data band"
+                          f"{'s' if len(indexes) != 1 else ''}" + ("" if bands else "; choose them with `bands` "
+                                                                   "(1-based band indexes, e.g. 1,2,3)"))
+    return indexes
+
+
+def read_window(dataset: rasterio.DatasetReader, indexes: list[int],
+                window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(C, h, w) stored values and the (h, w) bool valid mask (GDAL's dataset mask) of `window`."""
+    values = dataset.read(indexes, window=window)
+    valid = dataset.dataset_mask(window=window) > 0
+    return values, valid
+
+
+def model_input(values: np.ndarray, valid: np.ndarray, spec: DataSpec) -> np.ndarray:
+    """(C, h, w) stored values + valid mask -> (h, w, C) float32 model input, nodata filled from valid
+    neighbours (fillnodata), then with the band's valid mean where nothing valid is within FILL_DISTANCE."""
+    x = spec.to_model(values)
+    if not valid.all():
+        if valid.any():
+            mask = valid.astype(np.uint8)
+            # Which nodata pixels have a valid pixel within FILL_DISTANCE: fill the mask itself the same way.
+            reached = rasterio.fill.fillnodata(mask.astype(np.float32), mask=mask,
+                                               max_search_distance=FILL_DISTANCE, smoothing_iterations=0) > 0
+            for band in x:
+                filled = rasterio.fill.fillnodata(band, mask=mask, max_search_distance=FILL_DISTANCE,
+                                                  smoothing_iterations=0)
+                band[...] = np.where(reached, filled, band[valid].mean())
+        else:
+            x[...] = 0.5  # nothing valid to continue; the output here is nodata anyway
+    return np.ascontiguousarray(x.transpose(1, 2, 0))
+
+
+def upscale_mask(valid: np.ndarray, origin: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int],
+                 scale: tuple[float, float]) -> np.ndarray:
+    """The output's valid mask for output rows [r0, r1) and columns [c0, c1) (whole-scene indexes), by nearest
+    LR pixel centre: output pixel j lies over LR pixel floor((j + 0.5) / scale). `valid` covers the LR window
+    starting at `origin` (whole-scene row, column)."""
+    ys = np.floor((np.arange(*rows) + 0.5) / scale[0]).astype(np.int64) - origin[0]
+    xs = np.floor((np.arange(*cols) + 0.5) / scale[1]).astype(np.int64) - origin[1]
+    ys = ys.clip(0, valid.shape[0] - 1)
+    xs = xs.clip(0, valid.shape[1] - 1)
+    return valid[np.ix_(ys, xs)]
+
+
+def stored_output(output: np.ndarray, valid: np.ndarray, spec: DataSpec, dtype: str,
+                  nodata: float | None) -> np.ndarray:
+    """(H, W, C) float model output + (H, W) valid mask -> (C, H, W) stored values of `dtype`, nodata where the
+    mask is invalid (when the raster has a nodata value; otherwise the mask is written as the file's mask), and
+    never the nodata value in every band where it is valid."""
+    stored = spec.from_model(output.transpose(2, 0, 1), dtype)
+    if nodata is not None:
+        fill = np.asarray(nodata).astype(dtype)
+        # A valid pixel whose every band came out equal to the nodata value would read as nodata: its first
+        # band moves one step off it (the next integer, or the next float), as GDAL's tools do.
+        collide = valid & (stored == fill).all(axis=0)
+        if collide.any():
+            if np.issubdtype(np.dtype(dtype), np.integer):
+                step = fill + 1 if fill < np.iinfo(dtype).max else fill - 1
+            else:
+                step = np.nextafter(fill, np.inf if np.isfinite(fill) else 0).astype(dtype)
+            stored[0][collide] = step
+        if not valid.all():
+            stored[:, ~valid] = fill
+    return stored
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def refined_transform(transform: Affine, scale: float) -> Affine:
+    """The input's transform with the pixel size divided by `scale`, same origin."""
+    return transform @ Affine.scale(1 / scale)
+
+
+def has_mask(dataset: rasterio.DatasetReader) -> bool:
+    """True when validity comes from a mask or alpha band (not from a nodata value, and not all valid)."""
+    return any(MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags
+               for flags in dataset.mask_flag_enums)
+
+
+def output_profile(dtype: str, count: int, width: int, height: int, *, crs=None, transform: Affine | None = None,
+                   nodata: float | None = None) -> dict:
+    """GeoTIFF creation options for a super-resolved raster: the input's CRS, data type, band count and nodata on
+    the given grid; tiled (512 px blocks) when large, deflate-compressed with the predictor that suits the type,
+    BigTIFF when needed. No transform: not georeferenced."""
+    profile = {
+        "driver": "GTiff", "width": width, "height": height, "count": count, "dtype": dtype,
+        "crs": crs, "nodata": nodata,
+        "compress": "deflate", "predictor": 3 if KINDS[dtype] == "float" else 2, "interleave": "pixel",
+        "BIGTIFF": "IF_SAFER",
+    }
+    if transform is not None:
+        profile["transform"] = transform
+    if width >= 2 * BLOCK or height >= 2 * BLOCK:
+        profile.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
+    return profile
+
+
+def copy_band_metadata(source: rasterio.DatasetReader, indexes: list[int], target) -> None:
+    """Colour interpretation and band descriptions of the chosen bands (alpha is not carried: the mask is)."""
+    set_band_metadata(target, [source.colorinterp[i - 1] for i in indexes],
+                      [source.descriptions[i - 1] for i in indexes])
+
+
+def set_band_metadata(target, interps: list | None, descriptions: list | None) -> None:
+    if interps and ColorInterp.alpha not in interps:
+        with contextlib.suppress(Exception):  # some combinations GDAL refuses for a band count; not essential
+            target.colorinterp = interps
+    for position, description in enumerate(descriptions or [], start=1):
+        if description:
+            target.set_band_description(position, description)
+
+
+def encode_geotiff(stored: np.ndarray, profile: dict, *, mask: np.ndarray | None = None,
+                   interps: list | None = None, descriptions: list | None = None,
+                   tags: dict[str, str] | None = None) -> bytes:
+    """GeoTIFF bytes of (C, H, W) `stored` with `profile`; `mask` (H, W bool) written as its internal mask."""
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as memory:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with memory.open(**profile) as target:
+                target.write(stored)
+                if mask is not None:
+                    target.write_mask(mask.astype(np.uint8) * 255)
+                set_band_metadata(target, interps, descriptions)
+                if tags:
+                    target.update_tags(**tags)
+        return memory.read()
+
+
+def pixel_size(transform: Affine) -> tuple[float, float]:
+    """(x, y) pixel size of a north-up or rotated transform, as positive lengths."""
+    return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)

@@ -1,0 +1,104 @@
+"""The real server (`hndsr serve`) with the real rasters of ../shared/data/geotiff: GeoTIFF in, GeoTIFF out with
+the refined georeference, 16-bit, float and 4-band inputs per the loaded checkpoint, and clear 4xx for rasters
+it cannot take."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from rasterio.io import MemoryFile
+
+from tests.serving.test_predict import FILES, RGBN, check_georeferenced_output
+from tests.serving.test_server import Server, write_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raster-servers")
+    models = {3: write_model(root / "rgb", seed=0, local=True),
+              4: write_model(root / "rgbn", seed=0, local=True, bands=RGBN, scales={"float": 10000.0})}
+    running = {bands: Server({"MODEL_URI": str(model), "HNDSR_PASS_MEGAPIXELS": "0.1"}, root)
+               for bands, model in models.items()}
+    try:
+        for server in running.values():
+            server.wait_ready()
+        yield running
+    finally:
+        for server in running.values():
+            server.stop()
+
+
+def post(server: Server, data: bytes, name: str = "in.tif", **fields) -> httpx.Response:
+    headers = fields.pop("headers", None)
+    return httpx.post(f"{server.url}/v1/super-resolve", files={"file": (name, data, "image/tiff")},
+                      data={"scale": "2.5", "steps": "0", **fields}, headers=headers, timeout=300)
+
+
+def test_every_real_geotiff_comes_back_on_the_map(servers, geotiff, tmp_path):
+    for name, bands in FILES.items():
+        # 8-bit RGB defaults to PNG; ask for TIFF by the form field for one file and by Accept for the rest.
+        asked = {"format": "tiff"} if name.startswith("landsat7") else {"headers": {"Accept": "image/tiff"}}
+        response = post(servers[bands], (geotiff / name).read_bytes(), **asked)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "image/tiff"
+        (tmp_path / name).write_bytes(response.content)
+        check_georeferenced_output(geotiff / name, tmp_path / name, 2.5)
+
+
+def test_the_model_card_names_the_bands_and_radiometry(servers):
+    info = httpx.get(f"{servers[4].url}/v1/model", timeout=10).json()
+    assert info["data"]["bands"] == list(RGBN)
+    assert info["data"]["radiometry"]["float"] == {"method": "fixed", "low": [0.0] * 4, "high": [10000.0] * 4}
+
+
+def test_png_stays_the_default_for_8_bit_rgb_and_tiff_for_the_rest(servers, geotiff):
+    rgb8 = post(servers[3], (geotiff / "landsat7_rgb_byte_nodata.tif").read_bytes())
+    assert rgb8.status_code == 200 and rgb8.headers["content-type"] == "image/png"
+    uint16 = post(servers[3], (geotiff / "landsat8_rgb_uint16.tif").read_bytes())
+    assert uint16.status_code == 200 and uint16.headers["content-type"] == "image/tiff"
+    with MemoryFile(uint16.content) as memory, memory.open() as out:
+        assert out.dtypes[0] == "uint16" and out.read().max() > 255
+
+
+def test_bad_rasters_get_a_4xx_that_says_what_to_fix(servers, geotiff):
+    naip = (geotiff / "naip_rgbn_2009.tif").read_bytes()
+    wrong = post(servers[3], naip)
+    assert wrong.status_code == 422 and wrong.json()["error"] == "wrong_bands"
+    assert "the model expects 3 bands (red, green, blue); the raster has 4" in wrong.json()["detail"]
+    chosen = post(servers[3], naip, bands="1,2,3", format="tiff")
+    assert chosen.status_code == 200, chosen.text
+    png_of_16_bit = post(servers[3], (geotiff / "landsat8_rgb_uint16.tif").read_bytes(), format="png")
+    assert png_of_16_bit.status_code == 422 and "ask for format=tiff" in png_of_16_bit.json()["detail"]
+    rgb_png = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(rgb_png, format="PNG")
+    png_to_4_band = httpx.post(f"{servers[4].url}/v1/super-resolve", files={"file": ("a.png", rgb_png.getvalue())},
+                               data={"scale": "2"}, timeout=60)
+    assert png_to_4_band.status_code == 422 and "send a 4-band TIFF" in png_to_4_band.json()["detail"]
+    int32 = MemoryFile()
+    with int32.open(driver="GTiff", width=8, height=8, count=3, dtype="int32") as dst:
+        dst.write(np.ones((3, 8, 8), np.int32))
+    unsupported = post(servers[3], int32.read())
+    assert unsupported.status_code == 422 and unsupported.json()["error"] == "unsupported_dtype"
+    truncated = post(servers[3], naip[:5000], bands="1,2,3")
+    assert truncated.status_code == 400 and "raster" in truncated.json()["detail"]
+    bad_bands = post(servers[3], naip, bands="1,2,9")
+    assert bad_bands.status_code == 422 and "band 9 does not exist" in bad_bands.json()["detail"]
+    assert httpx.get(f"{servers[3].url}/readyz", timeout=5).status_code == 200
+
+
+def test_a_tiff_without_georeference_comes_back_without_one(servers):
+    memory = MemoryFile()
+    with memory.open(driver="GTiff", width=30, height=20, count=3, dtype="uint16") as dst:
+        dst.write(np.random.default_rng(0).integers(0, 65535, (3, 20, 30), dtype=np.uint16))
+    response = post(servers[3], memory.read(), format="tiff")
+    assert response.status_code == 200, response.text
+    with MemoryFile(response.content) as out_memory, out_memory.open() as out:
+        assert out.crs is None and out.transform.is_identity and (out.width, out.height) == (75, 50)
+        assert out.dtypes[0] == "uint16"
