@@ -13,7 +13,8 @@ rounded half up and clipped to the type's range for integers. ``method`` says wh
 the mapped range are clipped by the model's bicubic step, so an output never leaves the mapped range.
 
 Nodata: a pixel is nodata where GDAL's dataset mask says so (the nodata value of every band, an internal mask,
-or an alpha band). Before inference nodata pixels are filled from their valid neighbours (GDAL's
+or an alpha band), and in float rasters where any band is not finite (NaN without a declared nodata value comes
+back as NaN). Before inference nodata pixels are filled from their valid neighbours (GDAL's
 ``fillnodata``: inverse-distance interpolation), so valid pixels at a collar's edge are never pulled toward the
 fill value; after inference the mask is upscaled (nearest, by pixel centre) and those output pixels are set back
 to nodata.
@@ -203,9 +204,12 @@ def data_bands(dataset: rasterio.DatasetReader, bands: list[int] | None, spec: D
 
 def read_window(dataset: rasterio.DatasetReader, indexes: list[int],
                 window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(C, h, w) stored values and the (h, w) bool valid mask (GDAL's dataset mask) of `window`."""
+    """(C, h, w) stored values and the (h, w) bool valid mask of `window`: GDAL's dataset mask, and for floats
+    also finite in every band (NaN is a common undeclared nodata in float rasters)."""
     values = dataset.read(indexes, window=window)
     valid = dataset.dataset_mask(window=window) > 0
+    if values.dtype.kind == "f":
+        valid &= np.isfinite(values).all(axis=0)
     return values, valid
 
 
@@ -243,8 +247,8 @@ def upscale_mask(valid: np.ndarray, origin: tuple[int, int], rows: tuple[int, in
 def stored_output(output: np.ndarray, valid: np.ndarray, spec: DataSpec, dtype: str,
                   nodata: float | None) -> np.ndarray:
     """(H, W, C) float model output + (H, W) valid mask -> (C, H, W) stored values of `dtype`, nodata where the
-    mask is invalid (when the raster has a nodata value; otherwise the mask is written as the file's mask), and
-    never the nodata value in every band where it is valid."""
+    mask is invalid (when the raster has a nodata value; otherwise NaN for floats, and the mask is written as the
+    file's mask where the input had one), and never the nodata value in every band where it is valid."""
     stored = spec.from_model(output.transpose(2, 0, 1), dtype)
     if nodata is not None:
         fill = np.asarray(nodata).astype(dtype)
@@ -259,6 +263,8 @@ def stored_output(output: np.ndarray, valid: np.ndarray, spec: DataSpec, dtype: 
             stored[0][collide] = step
         if not valid.all():
             stored[:, ~valid] = fill
+    elif stored.dtype.kind == "f" and not valid.all():
+        stored[:, ~valid] = np.nan  # a float raster without a nodata value: NaN marks what was not valid
     return stored
 
 

@@ -49,7 +49,7 @@ def test_better_promoted_worse_rejected_then_rollback(make_project, mlflow_serve
     decision = report(good)
     assert decision["decision"] == "promoted" and decision["production_after"] == "1"
     assert {c["name"] for c in decision["checks"]} == {
-        "not_rolled_back", "beats_bicubic", "registered_copy", "outputs_in_range", "latency", "no_regression"}
+        "not_rolled_back", "beats_bicubic", "consistent", "registered_copy", "outputs_in_range", "latency", "no_regression"}
     assert all(c["passed"] for c in decision["checks"])
 
     document = status(good, uri)

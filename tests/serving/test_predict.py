@@ -219,3 +219,25 @@ def test_png_in_gives_png_out_and_existing_outputs_are_kept(realsat, models, tmp
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = run_predict(tmp_path / "in", "--out", tmp_path / "out", "--scale", "2", "--model", models[3])
     assert again.returncode == 1 and "exists (use --overwrite to replace it)" in again.stdout
+
+
+def test_nan_in_a_float_raster_is_nodata_and_comes_back_as_nan(geotiff, models, tmp_path):
+    """Float reflectance often marks missing pixels with NaN and no declared nodata value."""
+    holed = tmp_path / "in" / "reflectance_nan.tif"
+    holed.parent.mkdir()
+    with rasterio.open(geotiff / "reflectance_4band_float64.tif") as src:
+        data = src.read()
+        data[:, 50:90, 100:160] = np.nan
+        data[2, 10, 10] = np.nan  # one band missing: the pixel is not valid
+        with rasterio.open(holed, "w", **src.profile) as dst:
+            dst.write(data)
+    result = run_predict(holed, "--out", tmp_path / "out", "--scale", "2", "--model", models[4], "--steps", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with rasterio.open(tmp_path / "out" / holed.name) as out:
+        values = out.read()
+        expected_valid = upscaled_mask(np.isfinite(data).all(axis=0), 2.0, values.shape[1:])
+        np.testing.assert_array_equal(np.isfinite(values).all(axis=0), expected_valid)
+        assert np.isnan(values[:, ~expected_valid]).all()
+        assert out.nodata is None and out.dtypes[0] == "float64"
+        finite = values[:, expected_valid]
+        assert finite.min() > 200 and finite.max() < 5000  # reflectance x 10000, not pulled toward anything
