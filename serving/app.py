@@ -3,7 +3,7 @@ lifespan loads and warms the model, so a model that cannot be loaded stops start
 
     GET  /healthz             the process is alive                                  (routers/health.py)
     GET  /readyz              200 when a model is loaded and warm and the server is not draining, else 503
-    POST /v1/super-resolve    multipart: file=<image>, scale=<real>, steps=<int, optional>, seed=<int, optional>
+    POST /v1/super-resolve    multipart: file=<image or raster>, scale=<real>, steps, seed, format, bands (optional)
     GET  /v1/model            the loaded version, alias, run id, dataset hash, metrics  (routers/inference.py)
     GET  /metrics             Prometheus metrics                                    (routers/metrics.py)
     GET  /docs                OpenAPI docs (/openapi.json)
