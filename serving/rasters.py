@@ -18,7 +18,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from hndsr import raster
 from hndsr.images import ImageTooLarge, decode_rgb, encode_png
-from hndsr.raster import DataSpec, RasterError
+from hndsr.raster import DataSpec
 
 # A TIFF without georeference is a normal input here (it gets a TIFF without one back).
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
@@ -104,5 +104,3 @@ def encode(output: np.ndarray, decoded: Decoded, spec: DataSpec, scale: float, f
                                  interps=decoded.interps, descriptions=decoded.descriptions,
                                  tags={**(decoded.tags or {}), **tags})
 
-
-__all__ = ["FORMATS", "Decoded", "RasterError", "choose_format", "decode", "encode", "is_tiff"]
