@@ -16,6 +16,7 @@ environment as for `hndsr serve` (HNDSR_PASS_MEGAPIXELS, HNDSR_WORKERS, ...).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -32,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO.parent / "shared" / "data" / "geotiff" / "landsat8_rgb_uint16.tif"
 
 
-def build_mosaic(source: Path, size: int, target: Path) -> None:
-    """An N x N mosaic of `source`, mirrored in alternate rows and columns, written one tile row at a time."""
+def build_mosaic(source: Path, size: int, target: Path, *, distinct: bool = False) -> None:
+    """An N x N mosaic of `source`, mirrored in alternate rows and columns, written one tile row at a time.
+    `distinct`: each copy's values shifted by its index (1..1000 units), so no two copies hold equal pixels."""
     with rasterio.open(source) as src:
         tile = src.read()
         profile = {"driver": "GTiff", "width": size, "height": size, "count": src.count, "dtype": src.dtypes[0],
@@ -44,9 +46,23 @@ def build_mosaic(source: Path, size: int, target: Path) -> None:
     with rasterio.open(target, "w", **profile) as dst:
         for row, y in enumerate(range(0, size, th)):
             height = min(th, size - y)
-            strip = np.concatenate([flips[row % 2, col % 2][:, :height] for col in range((size + tw - 1) // tw)],
-                                   axis=2)[:, :, :size]
+            copies = [flips[row % 2, col % 2][:, :height] for col in range((size + tw - 1) // tw)]
+            if distinct:
+                copies = [c + np.asarray(1 + (row * len(copies) + col) % 1000, dtype=c.dtype)
+                          for col, c in enumerate(copies)]
+            strip = np.concatenate(copies, axis=2)[:, :, :size]
             dst.write(strip, window=Window(0, y, size, height))
+
+
+def build_in_child(source: Path, size: int, target: Path, *, distinct: bool = False) -> None:
+    """`build_mosaic` in a process of its own, so this one stays small: a child's peak RSS (ru_maxrss) starts from
+    its parent's resident size at fork, which would otherwise grow with the mosaic built here."""
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(target=build_mosaic, args=(source, size, target), kwargs={"distinct": distinct})
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        sys.exit(f"building the {size} px mosaic failed (exit {process.exitcode})")
 
 
 def run(scene: Path, out: Path, args: argparse.Namespace) -> tuple[float, int]:
@@ -77,7 +93,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             scene = Path(tmp) / f"mosaic_{size}.tif"
-            build_mosaic(args.source, size, scene)
+            build_in_child(args.source, size, scene)
             seconds, peak = run(scene, Path(tmp) / "out", args)
             out_mp = round(size * args.scale) ** 2 / 1e6
             print(f"{size:>9} {out_mp:>10.1f} {seconds:>9.1f} {out_mp / seconds:>12.3f} {peak / 2**20:>13.0f}",

@@ -22,7 +22,8 @@ class Consistency:
 
     BORDER = 2  # LR pixels at each window edge left out (the shrink's kernel reaches past the window there)
 
-    def __init__(self, spec: DataSpec, dtype: str, bands: int) -> None:
+    def __init__(self, spec: DataSpec, dtype: str | None, bands: int) -> None:
+        """`dtype`: the stored type of the inputs `add` gets; None: they are model values (RMSE in model units)."""
         self.spec, self.dtype, self.bands = spec, dtype, bands
         self.squared = np.zeros(bands)
         self.count = 0
@@ -37,9 +38,7 @@ class Consistency:
         h, w = min(shrunk.shape[1], lr_values.shape[1]), min(shrunk.shape[2], lr_values.shape[2])
         b = self.BORDER if min(h, w) > 4 * self.BORDER else 0
         inner = (slice(b, h - b), slice(b, w - b))
-        band_range = self.spec.band_range(self.dtype)
-        low = np.asarray(band_range.low)[:, None, None]
-        width = (np.asarray(band_range.high) - np.asarray(band_range.low))[:, None, None]
+        low, width = (v[:, None, None] for v in self._range())
         back = low + shrunk[:, inner[0], inner[1]].astype(np.float64) * width  # stored units
         given = np.clip(lr_values[:, inner[0], inner[1]].astype(np.float64), low, low + width)  # the model's range
         ok = valid[inner]
@@ -57,12 +56,18 @@ class Consistency:
                                  np.where(ok, back.mean(0), back.mean(0)[ok].mean()))
             self.shifts.append((dy, dx, int(ok.sum())))
 
+    def _range(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per band, the low and width of the stored range mapped to [0, 1]."""
+        if self.dtype is None:
+            return np.zeros(self.bands), np.ones(self.bands)
+        band_range = self.spec.band_range(self.dtype)
+        return np.asarray(band_range.low), np.asarray(band_range.high) - np.asarray(band_range.low)
+
     def summary(self) -> dict:
         if not self.count:
             return {"valid_lr_pixels": 0}
         rmse = np.sqrt(self.squared / self.count)
-        band_range = self.spec.band_range(self.dtype)
-        width = np.asarray(band_range.high) - np.asarray(band_range.low)
+        width = self._range()[1]
         weights = np.array([n for _, _, n in self.shifts], dtype=np.float64)
         shifts = np.array([(dy, dx) for dy, dx, _ in self.shifts]) if self.shifts else np.zeros((0, 2))
         mean_shift = (shifts * weights[:, None]).sum(0) / weights.sum() if self.shifts else np.zeros(2)

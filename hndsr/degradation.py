@@ -56,14 +56,15 @@ def is_exact(hr_size: int, scale: float) -> bool:
     return abs(lr - round(lr)) < 1e-6 and round(lr) >= 1
 
 
-def degrade(hr: torch.Tensor, scale: float) -> torch.Tensor:
+def degrade(hr: torch.Tensor, scale: float, *, clamp: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
     """Antialiased-bicubic LR version of `hr` at `scale`.
 
-    hr: (B, C, H, W) float in [0, 1]. Returns (B, C, lr_size(H), lr_size(W)) float in [0, 1].
+    hr: (B, C, H, W) float in [0, 1]. Returns (B, C, lr_size(H), lr_size(W)) float in [0, 1]. The ETL degrades
+    16-bit and float tiles in stored units: `clamp` is then the data type's range (integers) or None (floats).
     """
     if hr.ndim != 4:
         raise ValueError(f"degrade expects a (B, C, H, W) tensor, got shape {tuple(hr.shape)}")
     height, width = hr.shape[-2:]
     size = (lr_size(height, scale), lr_size(width, scale))
     lr = F.interpolate(hr, size=size, mode="bicubic", antialias=True, align_corners=False)  # (B, C, h, w)
-    return lr.clamp_(0.0, 1.0)
+    return lr if clamp is None else lr.clamp_(*clamp)

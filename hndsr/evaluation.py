@@ -12,7 +12,7 @@ import torch
 from hndsr.consistency import Consistency
 from hndsr.metrics import detail_ratio, psnr, ssim
 from hndsr.model import bicubic_upsample
-from hndsr.splits import PairSet, to_float
+from hndsr.splits import PairSet
 
 log = logging.getLogger("hndsr.evaluate")
 
@@ -41,10 +41,10 @@ def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_siz
     results = {}
     for scale, pairs in test.items():
         sums: dict[str, list[torch.Tensor]] = {}
-        consistency = Consistency(model.data, "uint8", model.data.channels)  # the splits hold 8-bit tiles
+        consistency = Consistency(model.data, None, model.data.channels)  # in model units: tiles of any type
         for i in range(0, len(pairs.tile_ids), batch_size):
-            lr = to_float(pairs.lr[i : i + batch_size]).to(device)
-            hr = to_float(pairs.hr[i : i + batch_size]).to(device)
+            lr = pairs.lr[i : i + batch_size].to(device)
+            hr = pairs.hr[i : i + batch_size].to(device)
             size = hr.shape[-2:]
             outputs = {"": model.super_resolve(lr, scale, steps=steps, seed=seed + i, size=size)}
             if baselines:
@@ -53,7 +53,7 @@ def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_siz
             for prefix, output in outputs.items():
                 for name, values in _scores(output.float(), hr).items():
                     sums.setdefault(prefix + name, []).append(values.cpu())
-            stored_lr = pairs.lr[i : i + batch_size].numpy()
+            stored_lr = pairs.lr[i : i + batch_size].numpy()  # model units
             for tile, lr_tile in zip(outputs[""].float().permute(0, 2, 3, 1).cpu().numpy(), stored_lr, strict=True):
                 consistency.add(tile, lr_tile, np.ones(lr_tile.shape[1:], dtype=bool), scale)
         results[f"{scale:g}"] = {k: round(torch.cat(v).mean().item(), 4) for k, v in sorted(sums.items())}

@@ -47,6 +47,7 @@ DEFAULT_SCALES = {"8bit": 255.0, "16bit": 65535.0, "float": 1.0}
 DEFAULT_BANDS = ("red", "green", "blue")
 FILL_DISTANCE = 64  # LR pixels searched by fillnodata; farther nodata gets the band mean of valid pixels
 BLOCK = 512  # output GeoTIFF block edge
+GDAL_CACHE_MB = 256  # GDAL's block cache for scene reads (default: 5 % of RAM), so memory does not grow with scenes
 
 
 class RasterError(ImageDecodeError, UserError):
@@ -126,6 +127,13 @@ class DataSpec:
             if any(not (math.isfinite(lo) and math.isfinite(hi) and hi > lo)
                    for lo, hi in zip(band_range.low, band_range.high, strict=True)):
                 raise ValueError(f"radiometry.{kind}: every high must be finite and above its low")
+
+    def display_bands(self) -> list[int]:
+        """0-based indexes of the bands to show as an RGB picture: those named red, green and blue, else the first
+        three (a one- or two-band model: its first band as gray)."""
+        if {"red", "green", "blue"} <= set(self.bands):
+            return [self.bands.index(name) for name in ("red", "green", "blue")]
+        return [0, 1, 2] if self.channels >= 3 else [0, 0, 0]
 
     def describe(self) -> str:
         return f"{self.channels} bands ({', '.join(self.bands)})"
@@ -214,22 +222,26 @@ def read_window(dataset: rasterio.DatasetReader, indexes: list[int],
 
 
 def model_input(values: np.ndarray, valid: np.ndarray, spec: DataSpec) -> np.ndarray:
-    """(C, h, w) stored values + valid mask -> (h, w, C) float32 model input, nodata filled from valid
-    neighbours (fillnodata), then with the band's valid mean where nothing valid is within FILL_DISTANCE."""
+    """(C, h, w) stored values + valid mask -> (h, w, C) float32 model input, nodata filled (`fill_invalid`)."""
     x = spec.to_model(values)
     if not valid.all():
         if valid.any():
-            mask = valid.astype(np.uint8)
-            # Which nodata pixels have a valid pixel within FILL_DISTANCE: fill the mask itself the same way.
-            reached = rasterio.fill.fillnodata(mask.astype(np.float32), mask=mask,
-                                               max_search_distance=FILL_DISTANCE, smoothing_iterations=0) > 0
-            for band in x:
-                filled = rasterio.fill.fillnodata(band, mask=mask, max_search_distance=FILL_DISTANCE,
-                                                  smoothing_iterations=0)
-                band[...] = np.where(reached, filled, band[valid].mean())
+            fill_invalid(x, valid)
         else:
             x[...] = 0.5  # nothing valid to continue; the output here is nodata anyway
     return np.ascontiguousarray(x.transpose(1, 2, 0))
+
+
+def fill_invalid(x: np.ndarray, valid: np.ndarray) -> None:
+    """Fill the invalid pixels of float32 (C, h, w) `x` in place from their valid neighbours (GDAL's fillnodata,
+    inverse-distance), and with the band's valid mean where nothing valid is within FILL_DISTANCE."""
+    mask = valid.astype(np.uint8)
+    # Which nodata pixels have a valid pixel within FILL_DISTANCE: fill the mask itself the same way.
+    reached = rasterio.fill.fillnodata(mask.astype(np.float32), mask=mask, max_search_distance=FILL_DISTANCE,
+                                       smoothing_iterations=0) > 0
+    for band in x:
+        filled = rasterio.fill.fillnodata(band, mask=mask, max_search_distance=FILL_DISTANCE, smoothing_iterations=0)
+        band[...] = np.where(reached, filled, band[valid].mean())
 
 
 def upscale_mask(valid: np.ndarray, origin: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int],
@@ -284,7 +296,7 @@ def output_profile(dtype: str, count: int, width: int, height: int, *, crs=None,
                    nodata: float | None = None) -> dict:
     """GeoTIFF creation options for a super-resolved raster: the input's CRS, data type, band count and nodata on
     the given grid; tiled (512 px blocks) when large, deflate-compressed with the predictor that suits the type,
-    BigTIFF when needed. No transform: not georeferenced."""
+    BigTIFF when needed; every band a data band (no alpha). No transform: not georeferenced."""
     profile = {
         "driver": "GTiff", "width": width, "height": height, "count": count, "dtype": dtype,
         "crs": crs, "nodata": nodata,
@@ -293,6 +305,8 @@ def output_profile(dtype: str, count: int, width: int, height: int, *, crs=None,
     }
     if transform is not None:
         profile["transform"] = transform
+    if not (count == 3 and dtype == "uint8"):
+        profile["photometric"] = "MINISBLACK"  # else GDAL takes a 4th 8-bit band (e.g. near-infrared) for alpha
     if width >= 2 * BLOCK or height >= 2 * BLOCK:
         profile.update(tiled=True, blockxsize=BLOCK, blockysize=BLOCK)
     return profile

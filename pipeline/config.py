@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -13,6 +14,8 @@ from hndsr.params import load_section
 
 SPLITS = ("train", "val", "test")
 GROUP_BY = ("auto", "image", "block")
+RADIOMETRY_METHODS = ("fixed", "percentile")
+RADIOMETRY_KINDS = ("16bit", "float")  # 8-bit is always 0..255, as PNG and JPEG are
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,30 @@ class SplitRatios:
     train: float = 0.8
     val: float = 0.1
     test: float = 0.1
+
+
+@dataclass(frozen=True)
+class RadiometryParams:
+    """How 16-bit and float rasters map to the model's [0, 1] (hndsr.raster.DataSpec): `fixed` divides by
+    `scale` (low 0); `percentile` maps each band's `percentiles` (low, high) on the training split to 0 and 1."""
+
+    method: str = "fixed"
+    scale: dict[str, float] = field(default_factory=lambda: {"16bit": 65535.0, "float": 1.0})
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+
+    def validate(self) -> None:
+        if self.method not in RADIOMETRY_METHODS:
+            raise ConfigError(f"etl.radiometry.method: must be one of {', '.join(RADIOMETRY_METHODS)}, "
+                              f"got {self.method!r}")
+        for kind, value in self.scale.items():
+            if kind not in RADIOMETRY_KINDS:
+                raise ConfigError(f"etl.radiometry.scale.{kind}: unknown kind (known: {', '.join(RADIOMETRY_KINDS)}; "
+                                  "8-bit is always 0..255)")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"etl.radiometry.scale.{kind}: must be a positive number, got {value}")
+        if len(self.percentiles) != 2 or not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
+            raise ConfigError(f"etl.radiometry.percentiles: must be [low, high] with 0 <= low < high <= 100, "
+                              f"got {self.percentiles}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,11 @@ class EtlParams:
     splits: SplitRatios = field(default_factory=SplitRatios)
     split_seed: int = 0
     max_image_pixels: int = 150_000_000
+    bands: list[int] | None = None
+    band_names: list[str] | None = None
+    source_bands: dict[str, list[int]] = field(default_factory=dict)
+    max_nodata_share: float = 0.0
+    radiometry: RadiometryParams = field(default_factory=RadiometryParams)
 
     def __post_init__(self) -> None:
         if not self.source.strip():
@@ -82,6 +114,42 @@ class EtlParams:
             raise ConfigError("etl.splits.train: must be greater than 0")
         if self.max_image_pixels < self.tile_size * self.tile_size:
             raise ConfigError(f"etl.max_image_pixels: must allow at least one tile, got {self.max_image_pixels}")
+        if self.bands is not None and (not self.bands or any(b < 1 for b in self.bands)):
+            raise ConfigError(f"etl.bands: list 1-based band indexes (e.g. [1, 2, 3, 4]) or null, got {self.bands}")
+        for pattern, indexes in self.source_bands.items():
+            if len(indexes) != self.channels or any(b < 1 for b in indexes):
+                raise ConfigError(f"etl.source_bands.{pattern}: must list {self.channels} 1-based band indexes "
+                                  f"(as many as etl.bands), got {indexes}")
+        if self.band_names is not None:
+            if len(self.band_names) != self.channels:
+                raise ConfigError(f"etl.band_names: {len(self.band_names)} names for {self.channels} bands")
+            if len(set(self.band_names)) != len(self.band_names) or not all(n.strip() for n in self.band_names):
+                raise ConfigError(f"etl.band_names: names must be distinct and non-empty, got {self.band_names}")
+        if not 0.0 <= self.max_nodata_share < 1.0:
+            raise ConfigError(f"etl.max_nodata_share: must be in [0, 1), got {self.max_nodata_share}")
+        self.radiometry.validate()
+
+    @property
+    def channels(self) -> int:
+        """Bands per tile: len(bands), or 3 (RGB)."""
+        return 3 if self.bands is None else len(self.bands)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The band names recorded with the data: `band_names`, else red, green, blue for RGB, else band<index>."""
+        if self.band_names is not None:
+            return tuple(self.band_names)
+        if self.bands is None:
+            return ("red", "green", "blue")
+        return tuple(f"band{b}" for b in self.bands)
+
+    def bands_of(self, key: str) -> list[int] | None:
+        """The 1-based bands read from the raster source `key`: the first `source_bands` glob that matches it,
+        else `bands`; None when neither says (then 1, 2, 3, or a one-band raster's band three times)."""
+        for pattern, indexes in self.source_bands.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                return list(indexes)
+        return list(self.bands) if self.bands is not None else None
 
     @property
     def effective_group_by(self) -> str:

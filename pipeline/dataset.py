@@ -4,7 +4,7 @@ One row per HR tile and scale. Rows are written in a deterministic order (source
 order, scales ascending) in fixed-size row groups, so the same inputs and params give byte-identical files.
 
 The split hash is a SHA-256 over each row's ``tile_id, scale, hr_sha256, lr_sha256`` in file order: it
-depends on the pixels and the split assignment only, not on PNG or Parquet encoder versions.
+depends on the pixels and the split assignment only, not on PNG, TIFF or Parquet encoder versions.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ SCHEMA = pa.schema(
         pa.field("hr_width", pa.int32(), nullable=False),
         pa.field("lr_height", pa.int32(), nullable=False),
         pa.field("lr_width", pa.int32(), nullable=False),
-        pa.field("hr_png", pa.binary(), nullable=False),
-        pa.field("lr_png", pa.binary(), nullable=False),
+        pa.field("bands", pa.int32(), nullable=False),  # bands per tile (manifest `data.bands` names them)
+        pa.field("dtype", pa.string(), nullable=False),  # stored data type: uint8, uint16, int16, float32
+        pa.field("hr_image", pa.binary(), nullable=False),  # PNG for 8-bit RGB, else TIFF (hndsr.splits)
+        pa.field("lr_image", pa.binary(), nullable=False),
         pa.field("hr_sha256", pa.string(), nullable=False),  # content hash of the HR pixels
         pa.field("lr_sha256", pa.string(), nullable=False),  # content hash of the LR pixels
         pa.field("lr_origin", pa.string(), nullable=False),  # "degraded" (hndsr.degradation) or "paired"

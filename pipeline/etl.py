@@ -1,33 +1,42 @@
 """The `etl` stage: source imagery -> data/processed/{train,val,test}.parquet + manifest.json.
 
-For each source image (sorted by key): decode to 8-bit RGB (hndsr.images rule), cut HR tiles, drop
-near-uniform tiles, assign splits by group (with the guard band for mosaic blocks), drop exact duplicates
-of an earlier kept tile, then make the LR tiles with `hndsr.degradation.degrade` at every scale (or cut them
-from the matching LR image in the paired layout) and stream the rows to the split files.
+First the radiometry (pipeline.reading): fixed scales, or per-band percentiles of the training split sampled
+from every raster. Then for each source image (sorted by key): read it one row of tiles at a time (PNG/JPEG
+decoded to 8-bit RGB by the hndsr.images rule; TIFF/GeoTIFF through rasterio with the chosen bands and nodata),
+drop tiles with more than `max_nodata_share` nodata and near-uniform tiles, assign splits by group (with the guard
+band for mosaic blocks), drop exact duplicates of an earlier kept tile, fill what nodata a kept tile has from its
+valid neighbours, then make the LR tiles with `hndsr.degradation.degrade` at every scale (or cut them from the
+matching LR image in the paired layout) and stream the rows to the split files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
+import torch
 import yaml
 from tqdm import tqdm
 
+from hndsr import raster
 from hndsr.atomic import atomic_directory
 from hndsr.degradation import degrade
 from hndsr.errors import UserError
-from hndsr.images import ImageDecodeError, decode_rgb, encode_png, to_tensor, to_uint8
+from hndsr.images import ImageDecodeError, to_tensor, to_uint8
+from hndsr.raster import DataSpec
+from hndsr.splits import encode_tile
 from pipeline.config import SPLITS, EtlParams
 from pipeline.dataset import SplitWriter, dataset_hash, format_scale
+from pipeline.reading import SourceImage, fixed_spec, open_image, percentile_spec, training_sample
 from pipeline.sources import (
     BLUEMARBLE,
     IMAGE_SUFFIXES,
@@ -36,11 +45,19 @@ from pipeline.sources import (
     list_source,
     pair_listings,
 )
-from pipeline.tiling import assign_split, content_hash, grid_shape, group_id, guard_band, iter_grid_rows
+from pipeline.tiling import (
+    assign_split,
+    content_hash,
+    cut_row,
+    grid_shape,
+    group_id,
+    guard_band,
+    luma_weights,
+)
 
 log = logging.getLogger("hndsr.etl")
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: bands, radiometry (`data`), nodata drops, raster facts per source, tile columns *_image
 PAIR_SCALE_TOLERANCE = 0.02  # a paired LR may be off the nominal scale by rounding of its size
 LR_BATCH = 512  # tiles degraded per interpolate call
 
@@ -54,7 +71,7 @@ class _Counts:
     images_read: int = 0
     tiles_cut: int = 0
     tiles_kept: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: {"uniform": 0, "guard": 0, "duplicate": 0})
+    dropped: dict[str, int] = field(default_factory=lambda: {"nodata": 0, "uniform": 0, "guard": 0, "duplicate": 0})
 
 
 @dataclass
@@ -69,7 +86,8 @@ class EtlReport:
         return (
             f"etl: read {inputs['images_read']} images ({len(self.manifest['skipped'])} skipped); "
             f"tiles {inputs['tiles_cut']} cut, {inputs['tiles_kept']} kept, dropped "
-            f"{dropped['uniform']} uniform / {dropped['guard']} guard / {dropped['duplicate']} duplicate; "
+            f"{dropped['nodata']} nodata / {dropped['uniform']} uniform / {dropped['guard']} guard / "
+            f"{dropped['duplicate']} duplicate; bands {','.join(self.manifest['data']['bands'])}; "
             f"rows {rows}; dataset {self.manifest['dataset_hash'][:12]}; {self.seconds:.1f} s"
         )
 
@@ -81,20 +99,25 @@ def run_etl(params: EtlParams, out_dir: str | Path) -> EtlReport:
     """
     start = time.perf_counter()
     units, skipped, ignored, description = _list_units(params)
+    spec, radiometry_record = _radiometry(params, units)
     counts = _Counts()
     sources: list[dict] = []
     seen: dict[str, str] = {}  # HR content hash -> tile id of the first kept copy
-    with atomic_directory(out_dir) as staging, ThreadPoolExecutor(os.cpu_count()) as pool:
+    with atomic_directory(out_dir) as staging, ThreadPoolExecutor(os.cpu_count()) as pool, \
+            rasterio.Env(GDAL_CACHEMAX=raster.GDAL_CACHE_MB):
         writers = {split: SplitWriter(staging / f"{split}.parquet", split) for split in SPLITS}
         try:
             for hr_file, lr_file in tqdm(units, desc="etl images", unit="img", disable=None):
-                record = _process_unit(hr_file, lr_file, params, counts, seen, writers, skipped, pool)
+                record = _process_unit(hr_file, lr_file, params, spec, counts, seen, writers, skipped, pool)
                 if record is not None:
                     sources.append(record)
         finally:
             split_entries = {split: writer.close() for split, writer in writers.items()}
         _check_usable(counts, skipped, description, len(units))
         manifest = _manifest(params, description, counts, split_entries, skipped, ignored, sources)
+        manifest["data"] = spec.to_config()
+        manifest["radiometry"] = {"method": params.radiometry.method, "computed_on": radiometry_record,
+                                  "rule": "model = (stored - low) / (high - low), per band and data kind"}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for split, entry in split_entries.items():
         if entry["rows"] == 0:
@@ -122,56 +145,81 @@ def _list_units(params: EtlParams) -> tuple[list[tuple[SourceFile, SourceFile | 
     return units, skipped, ignored, description
 
 
-def _read(item: SourceFile, params: EtlParams) -> tuple[np.ndarray, bytes]:
-    data = item.read()
-    return decode_rgb(data, max_pixels=params.max_image_pixels), data
-
-
-def _process_unit(hr_file, lr_file, params, counts, seen, writers, skipped, pool) -> dict | None:
-    """Tile one source image (or HR/LR pair) into the writers; return its manifest record or None if skipped."""
-    lr_image, lr_bytes = None, b""
-    for item in (hr_file, lr_file):
-        if item is None:
-            continue
+def _radiometry(params: EtlParams, units) -> tuple[DataSpec, dict]:
+    """The dataset's bands and radiometry: fixed, or percentiles of the training split's rasters."""
+    if params.radiometry.method == "fixed":
+        return fixed_spec(params), {}
+    samples: dict[str, list[np.ndarray]] = {}
+    for hr_file, _ in tqdm(units, desc="etl radiometry", unit="img", disable=None):
         try:
-            image, data = _read(item, params)
-        except (ImageDecodeError, OSError) as exc:
-            name = item.key if item is hr_file else f"lr:{item.key}"
-            skipped.append({"source": name, "reason": str(exc)})
-            log.warning("skipped %s: %s", name, exc)
-            return None
-        if item is hr_file:
-            hr_image, hr_bytes = image, data
-        else:
-            lr_image, lr_bytes = image, data
-    height, width = hr_image.shape[:2]
-    if height < params.tile_size or width < params.tile_size:
-        reason = f"{width}x{height} is smaller than one {params.tile_size} px tile"
-        skipped.append({"source": hr_file.key, "reason": reason})
-        log.warning("skipped %s: %s", hr_file.key, reason)
+            with open_image(hr_file, params) as image:
+                if image.kind != "8bit":  # 8-bit is always 0..255
+                    sample = training_sample(image, hr_file.key, params)
+                    if sample is not None:
+                        samples.setdefault(image.kind, []).append(sample)
+        except (ImageDecodeError, OSError):
+            continue  # the tiling pass skips it and reports why
+    spec, record = percentile_spec(params, samples)
+    log.info("radiometry: %s", {k: r.to_config() for k, r in spec.radiometry.items() if k in record})
+    return spec, record
+
+
+def _skip(skipped: list, name: str, reason: str) -> None:
+    skipped.append({"source": name, "reason": reason})
+    log.warning("skipped %s: %s", name, reason)
+
+
+def _process_unit(hr_file, lr_file, params, spec, counts, seen, writers, skipped, pool) -> dict | None:
+    """Tile one source image (or HR/LR pair) into the writers; return its manifest record or None if skipped."""
+    try:
+        with open_image(hr_file, params) as image:
+            lr = None
+            if lr_file is not None:
+                try:
+                    with open_image(lr_file, params) as lr_source:
+                        lr = (lr_source.rows(0, lr_source.height), lr_source)
+                except (ImageDecodeError, OSError) as exc:
+                    _skip(skipped, f"lr:{lr_file.key}", str(exc))
+                    return None
+            return _tile_image(hr_file, lr_file, image, lr, params, spec, counts, seen, writers, skipped, pool)
+    except (ImageDecodeError, OSError) as exc:
+        _skip(skipped, hr_file.key, str(exc))
         return None
-    pair_scale = None
-    if lr_image is not None:
-        pair_scale = _pair_scale(hr_image.shape, lr_image.shape, params.scales)
+
+
+def _tile_image(hr_file, lr_file, image: SourceImage, lr, params, spec, counts, seen, writers, skipped,
+                pool) -> dict | None:
+    height, width = image.height, image.width
+    if height < params.tile_size or width < params.tile_size:
+        _skip(skipped, hr_file.key, f"{width}x{height} is smaller than one {params.tile_size} px tile")
+        return None
+    lr_image, pair_scale = None, None
+    if lr is not None:
+        (lr_values, _), lr_source = lr
+        pair_scale = _pair_scale((height, width), (lr_source.height, lr_source.width), params.scales)
         if pair_scale is None:
-            reason = (f"HR {width}x{height} and LR {lr_image.shape[1]}x{lr_image.shape[0]} do not match any "
-                      f"scale in etl.scales {params.scales}")
-            skipped.append({"source": hr_file.key, "reason": reason})
-            log.warning("skipped %s: %s", hr_file.key, reason)
+            _skip(skipped, hr_file.key, f"HR {width}x{height} and LR {lr_source.width}x{lr_source.height} do not "
+                  f"match any scale in etl.scales {params.scales}")
             return None
+        lr_image = np.ascontiguousarray(lr_values.transpose(1, 2, 0))  # (h, w, C)
     counts.images_read += 1
-    kept = _select_tiles(hr_file.key, hr_image, params, counts, seen, lr_image, pair_scale)
-    _write_rows(hr_file.key, kept, params, writers, lr_image, pair_scale, pool)
-    record = {
-        "id": hr_file.key,
-        "bytes": len(hr_bytes),
-        "sha256": hashlib.sha256(hr_bytes).hexdigest(),
-        "width": width,
-        "height": height,
-        "tiles_kept": len(kept),
-    }
+    kept, rows_done, error = 0, 0, None
+    try:
+        for row_tiles in _select_tiles(hr_file.key, image, params, spec, counts, seen, lr_image, pair_scale):
+            _write_rows(hr_file.key, row_tiles, params, writers, lr_image, pair_scale, pool)
+            kept += len(row_tiles)
+            rows_done += 1
+    except (ImageDecodeError, OSError) as exc:  # a raster read fails part-way (a corrupt block, a lost mount)
+        if rows_done == 0:
+            counts.images_read -= 1
+            raise
+        cause = str(exc.__cause__ or exc)  # GDAL's own reason is the cause of rasterio's "Read failed"
+        error = f"reading failed after {rows_done} tile rows ({cause}); the {kept} tiles kept before it stay"
+        log.warning("%s: %s", hr_file.key, error)
+    record = {"id": hr_file.key, "bytes": image.size, "sha256": image.sha256, "width": width, "height": height,
+              "tiles_kept": kept, **image.info, **({"incomplete": error} if error else {})}
     if lr_file is not None:
-        record.update(lr_id=lr_file.key, lr_sha256=hashlib.sha256(lr_bytes).hexdigest(), scale=pair_scale)
+        record.update(lr_id=lr_file.key, lr_sha256=lr_source.sha256, scale=pair_scale)
     return record
 
 
@@ -188,38 +236,76 @@ def _pair_scale(hr_shape, lr_shape, scales: list[float]) -> float | None:
 class _Kept:
     row: int
     col: int
-    pixels: np.ndarray  # (T, T, 3) uint8
+    pixels: np.ndarray  # (T, T, C) stored values
     sha256: str
     group: str
     split: str
 
 
-def _select_tiles(key, image, params, counts, seen, lr_image, pair_scale) -> list[_Kept]:
-    """Cut, filter, group and split the tiles of one image; register the kept ones in `seen`."""
+def _units(spec: DataSpec, dtype: str):
+    """(n, T, T, C) stored tiles -> float32 0-255 units of the dataset's radiometry, for the near-uniform filter.
+    8-bit is 0..255 already, so it is used as is (the filter then sees exactly what it always saw)."""
+    if dtype == "uint8":
+        return lambda tiles: tiles.astype(np.float32)
+    band_range = spec.band_range(dtype)
+    low = np.asarray(band_range.low, dtype=np.float32)
+    scale = np.float32(255.0) / (np.asarray(band_range.high, dtype=np.float32) - low)
+    return lambda tiles: (tiles.astype(np.float32) - low) * scale
+
+
+def _select_tiles(key, image: SourceImage, params, spec, counts, seen, lr_image,
+                  pair_scale) -> Iterator[list[_Kept]]:
+    """Cut, filter, group and split the tiles of one image, reading a row of tiles at a time, and yield the kept
+    tiles row by row (registered in `seen`), so memory holds three rows of tiles whatever the image size: a row is
+    settled once the next is read, because the guard band looks at 8 neighbours. Kept tiles with some nodata (at
+    most `max_nodata_share`) get it filled from valid neighbours."""
     size = params.tile_size
-    n_rows, n_cols = grid_shape(image.shape[0], image.shape[1], size)
+    n_rows, n_cols = grid_shape(image.height, image.width, size)
     if lr_image is not None:  # keep only tiles whose LR counterpart lies inside the LR image
         lr_tile = round(size / pair_scale)
         n_rows = min(n_rows, lr_image.shape[0] // lr_tile)
         n_cols = min(n_cols, lr_image.shape[1] // lr_tile)
-        image = image[: n_rows * size, : n_cols * size]
     group_by = params.effective_group_by
-    candidates: dict[tuple[int, int], tuple[np.ndarray, str, str]] = {}
-    rows = iter_grid_rows(image, size)
-    for grid_row in tqdm(rows, total=n_rows, desc=f"tiling {key}", unit="row", leave=False, disable=None):
-        counts.tiles_cut += n_cols
-        for col in np.flatnonzero(grid_row.std >= params.min_tile_std).tolist():
-            group = group_id(key, grid_row.row, col, group_by=group_by, block_tiles=params.block_tiles,
-                             group_regex=params.group_regex)
-            split = assign_split(group, vars(params.splits), params.split_seed)
-            candidates[(grid_row.row, col)] = (grid_row.tiles[col], group, split)
-    counts.dropped["uniform"] += n_rows * n_cols - len(candidates)
+    guarding = params.guard and group_by == "block"
+    units, weights = _units(spec, image.dtype), luma_weights(spec.bands)
+    pending: dict[int, dict[int, tuple[np.ndarray, str, str]]] = {}  # row -> col -> (pixels, group, split)
+    for row in tqdm(range(n_rows + 1), desc=f"tiling {key}", unit="row", leave=False, disable=None):
+        if row < n_rows:
+            pending[row] = _candidates(key, row, image, params, size, n_cols, units, weights, group_by, counts)
+        if row >= 1:  # row - 1 now has all its neighbours
+            yield _settle(key, row - 1, pending, guarding, size, counts, seen)
+            pending.pop(row - 2, None)
+
+
+def _candidates(key, row, image, params, size, n_cols, units, weights, group_by, counts) -> dict:
+    """The tiles of one grid row that pass the nodata and near-uniform filters, with their group and split."""
+    values, valid = image.rows(row * size, (row + 1) * size)
+    grid_row = cut_row(row, values, valid, size, n_cols, units, weights)
+    counts.tiles_cut += n_cols
+    too_empty = grid_row.nodata_share > params.max_nodata_share
+    counts.dropped["nodata"] += int(too_empty.sum())
+    candidates = {}
+    for col in np.flatnonzero(~too_empty & (grid_row.std >= params.min_tile_std)).tolist():
+        group = group_id(key, row, col, group_by=group_by, block_tiles=params.block_tiles,
+                         group_regex=params.group_regex)
+        split = assign_split(group, vars(params.splits), params.split_seed)
+        pixels = grid_row.tiles[col]
+        if grid_row.nodata_share[col] > 0:
+            pixels = _filled(pixels, grid_row.valid[col])
+        candidates[col] = (np.array(pixels), group, split)  # a copy: the row's array is not kept alive
+    counts.dropped["uniform"] += n_cols - int(too_empty.sum()) - len(candidates)
+    return candidates
+
+
+def _settle(key, row, pending, guarding, size, counts, seen) -> list[_Kept]:
+    """The kept tiles of `row`: not in the guard band (decided on rows row-1..row+1), not a duplicate."""
     guarded = set()
-    if params.guard and group_by == "block":
-        guarded = guard_band({pos: split for pos, (_, _, split) in candidates.items()})
+    if guarding:
+        around = {(r, c): split for r in (row - 1, row, row + 1) for c, (_, _, split) in pending.get(r, {}).items()}
+        guarded = {pos for pos in guard_band(around) if pos[0] == row}
         counts.dropped["guard"] += len(guarded)
     kept = []
-    for (row, col), (pixels, group, split) in sorted(candidates.items()):
+    for col, (pixels, group, split) in sorted(pending[row].items()):
         if (row, col) in guarded:
             continue
         digest = content_hash(pixels)
@@ -232,6 +318,22 @@ def _select_tiles(key, image, params, counts, seen, lr_image, pair_scale) -> lis
     return kept
 
 
+def _filled(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A (T, T, C) stored tile with its nodata pixels filled from valid neighbours (hndsr.raster.fill_invalid),
+    back in its data type."""
+    values = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    raster.fill_invalid(values, valid)
+    return np.ascontiguousarray(_to_dtype(values, pixels.dtype).transpose(1, 2, 0))
+
+
+def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Float values -> `dtype`: integers rounded half up and clipped to the type's range."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.floor(values + np.float32(0.5)).clip(info.min, info.max).astype(dtype)
+    return values.astype(dtype)
+
+
 def _tile_id(key: str, y: int, x: int) -> str:
     return f"{key}@y{y}x{x}"
 
@@ -242,17 +344,16 @@ def _write_rows(key, kept, params, writers, lr_image, pair_scale, pool) -> None:
     for start in range(0, len(kept), LR_BATCH):
         batch = kept[start : start + LR_BATCH]
         if lr_image is None:
-            hr = to_tensor(np.stack([t.pixels for t in batch]))  # (N, 3, T, T)
-            lr_by_scale = {s: to_uint8(degrade(hr, s)) for s in sorted(params.scales)}  # (N, t, t, 3)
+            lr_by_scale = _degraded(np.stack([t.pixels for t in batch]), params.scales)  # (N, t, t, C) each
         else:
             lr_tile = round(size / pair_scale)
             lr_by_scale = {pair_scale: np.stack([
                 lr_image[t.row * lr_tile : (t.row + 1) * lr_tile, t.col * lr_tile : (t.col + 1) * lr_tile]
                 for t in batch
             ])}
-        # PNG encoding dominates the stage; Pillow releases the GIL, and map() keeps the order deterministic.
-        hr_pngs = list(pool.map(encode_png, [t.pixels for t in batch]))
-        lr_pngs = {s: list(pool.map(encode_png, list(lr_tiles))) for s, lr_tiles in lr_by_scale.items()}
+        # Encoding dominates the stage; Pillow and GDAL release the GIL, and map() keeps the order deterministic.
+        hr_bytes = list(pool.map(encode_tile, [t.pixels for t in batch]))
+        lr_bytes = {s: list(pool.map(encode_tile, list(lr_tiles))) for s, lr_tiles in lr_by_scale.items()}
         for i, tile in enumerate(batch):
             for scale, lr_tiles in lr_by_scale.items():
                 lr = lr_tiles[i]
@@ -268,12 +369,26 @@ def _write_rows(key, kept, params, writers, lr_image, pair_scale, pool) -> None:
                     "hr_width": size,
                     "lr_height": lr.shape[0],
                     "lr_width": lr.shape[1],
-                    "hr_png": hr_pngs[i],
-                    "lr_png": lr_pngs[scale][i],
+                    "bands": lr.shape[2],
+                    "dtype": lr.dtype.name,
+                    "hr_image": hr_bytes[i],
+                    "lr_image": lr_bytes[scale][i],
                     "hr_sha256": tile.sha256,
                     "lr_sha256": content_hash(lr),
                     "lr_origin": "degraded" if lr_image is None else "paired",
                 })
+
+
+def _degraded(hr: np.ndarray, scales: list[float]) -> dict[float, np.ndarray]:
+    """(N, T, T, C) stored HR tiles -> their LR tiles at every scale, in the same data type. 8-bit through [0, 1]
+    as always; 16-bit and float degraded in stored units (clamped to the integer type's range; floats not)."""
+    if hr.dtype == np.uint8:
+        x = to_tensor(hr)
+        return {s: to_uint8(degrade(x, s)) for s in sorted(scales)}
+    x = torch.from_numpy(np.ascontiguousarray(hr.transpose(0, 3, 1, 2), dtype=np.float32))
+    limits = (float(np.iinfo(hr.dtype).min), float(np.iinfo(hr.dtype).max)) \
+        if np.issubdtype(hr.dtype, np.integer) else None
+    return {s: _to_dtype(degrade(x, s, clamp=limits).permute(0, 2, 3, 1).numpy(), hr.dtype) for s in sorted(scales)}
 
 
 def _check_usable(counts: _Counts, skipped: list, description: str, candidates: int) -> None:
@@ -292,7 +407,7 @@ def _group_count(split_entries: dict) -> int:
 
 
 def _versions() -> dict[str, str]:
-    names = ["hndsr", "torch", "numpy", "pillow", "pyarrow"]
+    names = ["hndsr", "torch", "numpy", "pillow", "pyarrow", "rasterio"]
     return {name: importlib.metadata.version(name) for name in names}
 
 

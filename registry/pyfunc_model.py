@@ -3,11 +3,14 @@ file, not a pickled object, and `load_context` rebuilds the model from the versi
 (three safetensors + config.json folders) with `hndsr.checkpoint.load_model`.
 
 Input: one row per image, columns
-    image  string  base64 of a PNG/JPEG/TIFF (8-bit RGB rule of hndsr.images)
+    image  string  base64 of a PNG or JPEG (8-bit RGB, hndsr.images) or a TIFF/GeoTIFF (any data type and band
+                   count the model takes: its radiometry, nodata and georeference, hndsr.raster)
     scale  double  in the model's trained range
     steps  long    optional; DDIM steps, 0 = prior only, missing or negative = the model's default
     seed   long    optional; default 0 (same input, scale, steps and seed: same output)
-Output: one row per image, columns `image` (base64 PNG), `height`, `width`.
+Output: one row per image, columns `image` (base64: PNG for 8-bit RGB input, else a GeoTIFF with the input's data
+type, bands, nodata and the refined georeference; decoded and encoded by hndsr.imagefile, as the server does),
+`height`, `width`.
 
 This is what `mlflow models serve -m models:/hndsr@production` serves; the FastAPI server (`serving/`)
 loads the same checkpoints directly.
@@ -34,18 +37,22 @@ class HNDSRPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         import torch
 
-        from hndsr.images import decode_rgb, encode_png, to_tensor, to_uint8
+        from hndsr import imagefile
 
+        spec = self.model.data
         rows = []
         for row in model_input.to_dict(orient="records"):
-            lr = to_tensor(decode_rgb(base64.b64decode(row["image"]), max_pixels=MAX_INPUT_PIXELS))
+            decoded = imagefile.decode(base64.b64decode(row["image"]), spec, None, MAX_INPUT_PIXELS)
+            lr = torch.from_numpy(decoded.lr).permute(2, 0, 1)[None]
+            scale = float(row["scale"])
             steps = _optional_int(row.get("steps"))
             with torch.inference_mode():
-                output = self.model.super_resolve(lr, float(row["scale"]),
-                                                  steps=None if steps is None or steps < 0 else steps,
+                output = self.model.super_resolve(lr, scale, steps=None if steps is None or steps < 0 else steps,
                                                   seed=_optional_int(row.get("seed")) or 0)
-            pixels = to_uint8(output)[0]
-            rows.append({"image": base64.b64encode(encode_png(pixels)).decode("ascii"),
+            pixels = output[0].permute(1, 2, 0).float().numpy()
+            fmt = "png" if decoded.is_png_compatible else "tiff"
+            data = imagefile.encode(pixels, decoded, spec, scale, fmt, png_compress_level=6, tags={})
+            rows.append({"image": base64.b64encode(data).decode("ascii"),
                          "height": int(pixels.shape[0]), "width": int(pixels.shape[1])})
         return pd.DataFrame(rows, columns=["image", "height", "width"])
 

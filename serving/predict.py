@@ -52,7 +52,6 @@ warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 HALO = 32  # LR pixels of context read around each window core
 MAX_PERIOD = 64
-GDAL_CACHE_MB = 256  # GDAL's block cache (default: 5 % of RAM), so memory does not grow with the scene
 MIN_CORE = 64  # LR pixels: a window's core is never smaller, whatever --window says (halos would dominate)
 RASTER_SUFFIXES = {".tif", ".tiff"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -242,7 +241,7 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                  source.name, width, height, len(indexes), dtype, out_w, out_h, scale, len(windows), core, halo,
                  steps)
         try:
-            with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=GDAL_CACHE_MB), \
+            with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=raster.GDAL_CACHE_MB), \
                     rasterio.open(tmp, "w", **profile) as dst, \
                     _uncertainty_file(tmp_unc, profile, options.uncertainty) as unc, \
                     tqdm(total=sum(tiles_per_window) * len(seeds), unit="tile", desc=source.name,

@@ -1,8 +1,9 @@
 """Training batches from the ETL's HR tiles (read by `hndsr.splits`).
 
 Training draws random HR crops with random flips/rotations and a random *continuous* scale per batch, and
-makes the LR with the same `hndsr.degradation.degrade` the ETL used, quantised to 8 bits like the stored
-(and served) images. Validation and test use the stored HR/LR pairs at the dataset's scales.
+makes the LR with the same `hndsr.degradation.degrade` the ETL used, quantised to the steps of each tile's stored
+data type (8-bit: 256 levels, like the stored and served images; 16-bit: its levels through the radiometry; float:
+none). Validation and test use the stored HR/LR pairs at the dataset's scales.
 """
 
 from __future__ import annotations
@@ -12,42 +13,41 @@ import random
 import torch
 
 from hndsr.degradation import degrade, lr_size
-from hndsr.splits import DataError, to_float
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round to the 8-bit levels a stored or uploaded image has."""
-    return images.clamp(0, 1).mul(255).round().div(255)
+from hndsr.splits import DataError, TileSet
 
 
 class CropSampler:
     """Random training batches: HR crops (augmented) and their LR at one random scale per batch."""
 
-    def __init__(self, hr_tiles: torch.Tensor, *, crop: int, batch_size: int, scale_range: tuple[float, float],
+    def __init__(self, hr_tiles: TileSet, *, crop: int, batch_size: int, scale_range: tuple[float, float],
                  seed: int) -> None:
-        if crop > hr_tiles.shape[-1] or crop > hr_tiles.shape[-2]:
-            raise DataError(f"crop {crop} is larger than the {hr_tiles.shape[-1]} px tiles; lower the crop size")
+        if crop > hr_tiles.pixels.shape[-1] or crop > hr_tiles.pixels.shape[-2]:
+            raise DataError(f"crop {crop} is larger than the {hr_tiles.pixels.shape[-1]} px tiles; lower the crop size")
         self.hr_tiles = hr_tiles
         self.crop, self.batch_size = crop, batch_size
         self.scale_range = scale_range
         self.rng = random.Random(seed)
 
     def hr_batch(self) -> torch.Tensor:
-        """(B, 3, crop, crop) float HR crops, randomly flipped and rotated."""
-        n, _, height, width = self.hr_tiles.shape
-        crops = []
+        """(B, C, crop, crop) float HR crops, randomly flipped and rotated."""
+        return self._crops()[0]
+
+    def _crops(self) -> tuple[torch.Tensor, list[int]]:
+        n, _, height, width = self.hr_tiles.pixels.shape
+        crops, chosen = [], []
         for _ in range(self.batch_size):
             i = self.rng.randrange(n)
             y, x = self.rng.randrange(height - self.crop + 1), self.rng.randrange(width - self.crop + 1)
-            tile = self.hr_tiles[i, :, y : y + self.crop, x : x + self.crop]
+            tile = self.hr_tiles.pixels[i, :, y : y + self.crop, x : x + self.crop]
             if self.rng.random() < 0.5:
                 tile = tile.flip(-1)
             crops.append(torch.rot90(tile, self.rng.randrange(4), dims=(-2, -1)))
-        return to_float(torch.stack(crops))
+            chosen.append(i)
+        return torch.stack(crops), chosen
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(lr, hr, scale): LR made by `degrade` at a random scale, quantised; scale = crop / LR size."""
-        hr = self.hr_batch()
+        hr, chosen = self._crops()
         nominal = self.rng.uniform(*self.scale_range)
-        lr = quantize(degrade(hr, nominal))
+        lr = self.hr_tiles.levels.select(chosen).quantize(degrade(hr, nominal))
         return lr, hr, self.crop / lr_size(self.crop, nominal)

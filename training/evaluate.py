@@ -32,7 +32,7 @@ from hndsr.images import encode_png, to_uint8
 from hndsr.metrics import high_frequency_energy
 from hndsr.model import bicubic_upsample
 from hndsr.params import load_common, load_evaluate, params_hash
-from hndsr.splits import dataset_hash, load_pairs, to_float
+from hndsr.splits import dataset_hash, load_pairs
 from training import tracking
 from training.runtime import setup_runtime
 
@@ -76,12 +76,13 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
 def _grid_rows(model, pairs, scale, steps, eparams, device) -> np.ndarray:
     """Sample grid rows for the `grid_tiles` test tiles with the most HR detail (where super-resolution
     matters; the flattest tiles would all look alike): LR (nearest) | bicubic | prior | HNDSR | HR."""
-    hr = to_float(pairs.hr).to(device)
+    hr = pairs.hr.to(device)
     chosen = high_frequency_energy(hr).argsort(descending=True)[: eparams.grid_tiles].sort().values
-    lr, hr = to_float(pairs.lr).to(device)[chosen], hr[chosen]
+    lr, hr = pairs.lr.to(device)[chosen], hr[chosen]
     size = hr.shape[-2:]
     columns = [torch.nn.functional.interpolate(lr, size=size, mode="nearest"), bicubic_upsample(lr, size),
                model.super_resolve(lr, scale, steps=0, size=size),
                model.super_resolve(lr, scale, steps=steps, seed=eparams.seed, size=size), hr]
-    rows = [np.concatenate([to_uint8(c[i : i + 1])[0] for c in columns], axis=1) for i in range(len(chosen))]
+    rgb = model.data.display_bands()  # the picture shows red, green and blue of any band set
+    rows = [np.concatenate([to_uint8(c[i : i + 1, rgb])[0] for c in columns], axis=1) for i in range(len(chosen))]
     return np.concatenate(rows, axis=0)

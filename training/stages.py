@@ -22,9 +22,8 @@ from hndsr.checkpoint import UPSTREAM, load_network, save_network, upstream_hash
 from hndsr.checkpoint import check_upstream as check_lineage
 from hndsr.model import HNDSR
 from hndsr.params import load_common, params_hash
-from hndsr.raster import DataSpec
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
-from hndsr.splits import dataset_hash, load_hr_tiles, load_pairs
+from hndsr.splits import data_spec, dataset_hash, load_hr_tiles, load_pairs
 from training import tracking
 from training.config import load_stage
 from training.runtime import setup_runtime
@@ -87,11 +86,11 @@ def run_stage(stage: str, params_path: str) -> dict:
                  "run_id": run_id, "dataset_hash": data_hash, "best_params": study.best_params,
                  "study": study.study_name}
         if stage == "autoencoder":  # the pixel interface: the bands and radiometry of the training data
-            extra["data"] = DataSpec.fixed().to_config()  # the ETL's tiles are 8-bit RGB (hndsr.images rule)
+            extra["data"] = data_spec(common.data_dir).to_config()  # recorded by the ETL in the manifest
         if stage == "diffusion":
             model = HNDSR(ctx.autoencoder, ctx.operator, best.network,
                           DDIMScheduler(DDIMConfig(extras.num_train_timesteps, extras.prediction_type)),
-                          min_scale=scale_range[0], max_scale=scale_range[1])
+                          min_scale=scale_range[0], max_scale=scale_range[1], data=data_spec(common.data_dir))
             sampling, table = choose_sampling(model, ctx, extras)
             extra.update(sampling=asdict(sampling), scheduler=asdict(model.scheduler.config), sampling_table=table)
             metrics.update(default_steps=sampling.steps, default_temperature=sampling.temperature,

@@ -33,7 +33,7 @@ from hndsr.networks import (
     UNetConfig,
 )
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
-from hndsr.splits import PairSet, to_float
+from hndsr.splits import PairSet, TileSet
 from training.config import DiffusionExtras, StageParams
 from training.data import CropSampler
 
@@ -48,7 +48,7 @@ LATENT_WEIGHT = 0.1  # operator loss: pixel L1 + this x latent L1 to the encoded
 class Context:
     """What every trial of a stage shares: data, device and the frozen upstream networks."""
 
-    train_tiles: torch.Tensor  # (N, 3, T, T) uint8
+    train_tiles: TileSet  # model values and the levels of their stored types
     val: dict[float, PairSet]
     scale_range: tuple[float, float]
     device: torch.device
@@ -123,14 +123,14 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
 
 
 def train_autoencoder(params: StageParams, hp: dict, ctx: Context, report: Report, seed: int) -> TrialResult:
-    config = model_config(AutoencoderConfig, params, hp)
+    config = model_config(AutoencoderConfig, params, hp, channels=ctx.train_tiles.pixels.shape[1])
     network = Autoencoder(config)
     every = max(1, len(ctx.train_tiles) // 256)  # up to 256 tiles spread over the split, not its first rows
-    network.fit_linear(to_float(ctx.train_tiles[::every]))
+    network.fit_linear(ctx.train_tiles.pixels[::every].contiguous())
     network = network.to(ctx.device)
     sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
                           scale_range=ctx.scale_range, seed=seed)
-    val_hr = to_float(next(iter(ctx.val.values())).hr).to(ctx.device)
+    val_hr = next(iter(ctx.val.values())).hr.to(ctx.device)
 
     def loss_fn():
         hr = sampler.hr_batch().to(ctx.device)
@@ -151,7 +151,7 @@ def evaluate_by_scale(ctx: Context, fn: Callable[[torch.Tensor, float, tuple], t
     """PSNR of `fn(lr, scale, size)` on every validation scale, plus their mean as `val_score`."""
     metrics, scores = {}, []
     for scale, pairs in ctx.val.items():
-        lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
+        lr, hr = pairs.lr.to(ctx.device), pairs.hr.to(ctx.device)
         value = psnr(fn(lr, scale, hr.shape[-2:]).float().clamp(0, 1), hr).mean().item()
         metrics[f"{prefix}_x{scale:g}"] = value
         scores.append(value)
@@ -161,7 +161,8 @@ def evaluate_by_scale(ctx: Context, fn: Callable[[torch.Tensor, float, tuple], t
 
 def train_operator(params: StageParams, hp: dict, ctx: Context, report: Report, seed: int) -> TrialResult:
     ae = _frozen(ctx.autoencoder, ctx.device)
-    config = model_config(OperatorConfig, params, hp, latent_channels=ae.config.latent_channels)
+    config = model_config(OperatorConfig, params, hp, latent_channels=ae.config.latent_channels,
+                          channels=ae.config.channels)
     network = NeuralOperator(config).to(ctx.device)
     sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
                           scale_range=ctx.scale_range, seed=seed)
@@ -228,7 +229,7 @@ def choose_sampling(model: HNDSR, ctx: Context, extras: DiffusionExtras) -> tupl
     model = model.to(ctx.device).eval()
     val = []  # per scale: (scale, hr, prior latent, steps-0 PSNR, bicubic PSNR)
     for scale, pairs in ctx.val.items():
-        lr, hr = to_float(pairs.lr).to(ctx.device), to_float(pairs.hr).to(ctx.device)
+        lr, hr = pairs.lr.to(ctx.device), pairs.hr.to(ctx.device)
         size = hr.shape[-2:]
         prior = model.prior(lr, scale, size)
         base = psnr(model.autoencoder.decode(prior)[..., : size[0], : size[1]].clamp(0, 1), hr).mean().item()

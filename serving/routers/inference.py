@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from hndsr import imagefile
 from hndsr.degradation import hr_size
 from hndsr.images import ImageDecodeError
 from serving import rasters
@@ -75,7 +76,7 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
         raise ClientError(422, "steps_out_of_range", f"steps must be between 0 and {settings.max_steps}, got {steps}")
     spec = model.model.data
     try:
-        decoded = await asyncio.to_thread(rasters.decode, upload.image, spec, upload.bands,
+        decoded = await asyncio.to_thread(imagefile.decode, upload.image, spec, upload.bands,
                                           settings.max_input_pixels)
         fmt = rasters.choose_format(upload.format, request.headers.get("accept", ""), decoded)
     except ImageDecodeError as exc:
@@ -99,7 +100,7 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
     elapsed = time.perf_counter() - start
     version = str(model.info["version"])
     body = await asyncio.to_thread(
-        rasters.encode, output, decoded, spec, scale, fmt, png_compress_level=settings.png_compress_level,
+        imagefile.encode, output, decoded, spec, scale, fmt, png_compress_level=settings.png_compress_level,
         tags={"HNDSR_MODEL_VERSION": version, "HNDSR_SCALE": f"{scale:.10g}", "HNDSR_STEPS": str(steps),
               "HNDSR_SEED": str(seed)})
     state.metrics.images.inc()

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import rasterio
+import torch
 from PIL import Image
 
 from hndsr.degradation import degrade, lr_size
@@ -27,6 +29,28 @@ def png_pixels(data: bytes) -> np.ndarray:
         return np.asarray(image)
 
 
+def stored_pixels(data: bytes, dtype: str, channels: int) -> np.ndarray:
+    """A stored tile: PNG for 8-bit RGB, else a (non-georeferenced) TIFF of the row's data type and band count."""
+    if dtype == "uint8" and channels == 3:
+        return png_pixels(data)
+    with rasterio.MemoryFile(data) as memory, memory.open() as dataset:
+        assert dataset.driver == "GTiff" and dataset.dtypes[0] == dtype and dataset.count == channels
+        return dataset.read().transpose(1, 2, 0)
+
+
+def expected_lr(hr: np.ndarray, scale: float) -> np.ndarray:
+    """The LR the ETL must store: 8-bit through [0, 1]; other types degraded in stored units, rounded half up
+    and clipped to the integer type's range (floats as they come)."""
+    if hr.dtype == np.uint8:
+        return to_uint8(degrade(to_tensor(hr), scale))[0]
+    x = torch.from_numpy(hr.transpose(2, 0, 1)[None].astype(np.float32))
+    if np.issubdtype(hr.dtype, np.integer):
+        info = np.iinfo(hr.dtype)
+        lr = degrade(x, scale, clamp=(info.min, info.max))[0].numpy()
+        return np.floor(lr + np.float32(0.5)).clip(info.min, info.max).astype(hr.dtype).transpose(1, 2, 0)
+    return degrade(x, scale, clamp=None)[0].numpy().astype(hr.dtype).transpose(1, 2, 0)
+
+
 def load_rows(out: Path) -> dict[str, list[dict]]:
     return {split: pq.read_table(out / f"{split}.parquet").to_pylist() for split in SPLITS}
 
@@ -34,6 +58,7 @@ def load_rows(out: Path) -> dict[str, list[dict]]:
 def check_dataset(out: Path, *, tile_size: int, scales: list[float], guard: bool = False) -> dict:
     """Assert the schema, sizes, degradation, hashes, manifest counts and split separation; return the manifest."""
     manifest = json.loads((out / "manifest.json").read_text())
+    channels = len(manifest["data"]["bands"])
     rows = load_rows(out)
     groups_by_split: dict[str, set[str]] = defaultdict(set)
     tiles_by_hash: dict[str, str] = {}
@@ -48,15 +73,16 @@ def check_dataset(out: Path, *, tile_size: int, scales: list[float], guard: bool
         for row in rows[split]:
             assert row["split"] == split
             per_scale[format_scale(row["scale"])] += 1
-            hr = png_pixels(row["hr_png"])
-            lr = png_pixels(row["lr_png"])
-            assert hr.shape == (row["hr_height"], row["hr_width"], 3) == (tile_size, tile_size, 3)
-            assert lr.shape == (row["lr_height"], row["lr_width"], 3)
+            hr = stored_pixels(row["hr_image"], row["dtype"], channels)
+            lr = stored_pixels(row["lr_image"], row["dtype"], channels)
+            assert row["bands"] == channels
+            assert hr.shape == (row["hr_height"], row["hr_width"], channels) == (tile_size, tile_size, channels)
+            assert lr.shape == (row["lr_height"], row["lr_width"], channels)
             assert lr.shape[:2] == (lr_size(tile_size, row["scale"]),) * 2
             assert row["hr_sha256"] == content_hash(hr)
             assert row["lr_sha256"] == content_hash(lr)
             if row["lr_origin"] == "degraded":
-                assert np.array_equal(to_uint8(degrade(to_tensor(hr), row["scale"]))[0], lr)
+                assert np.array_equal(expected_lr(hr, row["scale"]), lr)
             assert tiles_by_hash.setdefault(row["hr_sha256"], row["tile_id"]) == row["tile_id"], "duplicate tile"
             groups_by_split[split].add(row["group_id"])
             lines.append(f"{row['tile_id']}\t{row['scale']!r}\t{row['hr_sha256']}\t{row['lr_sha256']}\n")

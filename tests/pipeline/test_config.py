@@ -35,6 +35,16 @@ def test_the_repository_params_are_valid():
         ({"group_regex": "("}, r"etl\.group_regex: not a valid regular expression"),
         ({"min_tile_std": -1}, r"etl\.min_tile_std: must be >= 0"),
         ({"source": "bluemarble", "lr_source": "lr/"}, r"etl\.lr_source: only a folder or s3"),
+        ({"bands": [0, 1, 2]}, r"etl\.bands: list 1-based band indexes"),
+        ({"bands": [1, 2, 3, 4], "band_names": ["r", "g", "b"]}, r"etl\.band_names: 3 names for 4 bands"),
+        ({"band_names": ["r", "r", "b"]}, r"etl\.band_names: names must be distinct"),
+        ({"bands": [1, 2, 3, 4], "source_bands": {"s2/*": [3, 2, 1]}},
+         r"etl\.source_bands\.s2/\*: must list 4 1-based band indexes"),
+        ({"max_nodata_share": 1.0}, r"etl\.max_nodata_share: must be in \[0, 1\)"),
+        ({"radiometry": {"method": "minmax"}}, r"etl\.radiometry\.method: must be one of fixed, percentile"),
+        ({"radiometry": {"scale": {"8bit": 100}}}, r"etl\.radiometry\.scale\.8bit: unknown kind"),
+        ({"radiometry": {"scale": {"16bit": 0}}}, r"etl\.radiometry\.scale\.16bit: must be a positive number"),
+        ({"radiometry": {"percentiles": [99, 1]}}, r"etl\.radiometry\.percentiles: must be \[low, high\]"),
     ],
 )
 def test_bad_params_are_refused_naming_the_key(tmp_path, etl, message):

@@ -164,7 +164,7 @@ def test_paired_layout(realsat, tmp_path, dataset_checker):
         lr = np.asarray(lr_image.convert("RGB"))
     t = 48
     expected = lr[row["y"] * t // 120 : row["y"] * t // 120 + t, row["x"] * t // 120 : row["x"] * t // 120 + t]
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["lr_png"]))), expected)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(row["lr_image"]))), expected)
 
 
 def test_paired_scale_outside_params_is_skipped(realsat, tmp_path):

@@ -90,3 +90,24 @@ def test_unreachable_endpoint_is_a_clear_error(s3_server, monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     with pytest.raises(SourceError, match=r"cannot reach the S3 endpoint for s3://bucket at http://127.0.0.1"):
         run_etl(_params("s3://bucket/scenes"), tmp_path / "out")
+
+
+def test_geotiff_sources_on_s3_give_the_same_dataset_as_in_a_folder(s3_env, geotiff, tmp_path, dataset_checker):
+    """Rasters on S3 are streamed to a temporary file and read window by window, like local files."""
+    names = ["landsat8_rgb_uint16.tif", "landsat7_rgb_byte_nodata.tif"]
+    client = s3_env.client()
+    client.create_bucket(Bucket="rasters")
+    local = tmp_path / "local"
+    local.mkdir()
+    for name in names:
+        client.upload_file(str(geotiff / name), "rasters", f"scenes/{name}")
+        shutil.copy(geotiff / name, local / name)
+    params = {"tile_size": 60, "scales": [2, 3], "min_tile_std": 1.0, "splits": SplitRatios(0.6, 0.2, 0.2)}
+    from_s3 = run_etl(EtlParams(source="s3://rasters/scenes", **params), tmp_path / "from_s3")
+    dataset_checker(tmp_path / "from_s3", tile_size=60, scales=[2, 3])
+    from_folder = run_etl(EtlParams(source=str(local), **params), tmp_path / "from_folder")
+    assert from_s3.manifest["dataset_hash"] == from_folder.manifest["dataset_hash"]
+    assert from_s3.manifest["inputs"]["tiles_dropped"]["nodata"] > 0
+    for ours, theirs in zip(from_s3.manifest["sources"], from_folder.manifest["sources"], strict=True):
+        assert ours == theirs  # id, size, SHA-256, CRS, pixel size, data type, bands
+    assert {s["crs"] for s in from_s3.manifest["sources"]} == {"EPSG:32618", "EPSG:32620"}
