@@ -45,6 +45,7 @@ def main() -> None:
 
 def _measure(work: Path) -> tuple[float, int, str]:
     params = {"etl": {"source": str(work / "scene"), "tile_size": 120, "scales": [2, 3, 4], "min_tile_std": 1.0,
+                      "splits": {"train": 1.0, "val": 0.0, "test": 0.0},  # one scene is one group
                       "radiometry": {"method": "fixed", "scale": {"16bit": 40000}}}}
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     command = [str(Path(sys.executable).parent / "hndsr"), "etl", "--params", "params.yaml", "--out", "processed"]

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import hndsr
@@ -81,7 +82,17 @@ def load_network(directory: str | Path, stage: str) -> tuple[nn.Module, dict]:
     except ConfigError as exc:
         raise CheckpointError(f"{stage} checkpoint config does not fit this code version: {exc}") from None
     network = network_cls(config)
-    network.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
+    path = Path(directory) / WEIGHTS
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # a corrupt header, a truncated or missing file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]}); restore it "
+                              "with `dvc checkout` or re-run `dvc repro`") from None
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"{path} does not fit its {CONFIG} ({str(exc).splitlines()[0]}); re-run "
+                              "`dvc repro`") from None
     return network.eval(), meta
 
 

@@ -46,7 +46,7 @@ from pipeline.sources import (
     pair_listings,
 )
 from pipeline.tiling import (
-    assign_split,
+    SplitAssigner,
     content_hash,
     cut_row,
     grid_shape,
@@ -99,7 +99,8 @@ def run_etl(params: EtlParams, out_dir: str | Path) -> EtlReport:
     """
     start = time.perf_counter()
     units, skipped, ignored, description = _list_units(params)
-    spec, radiometry_record = _radiometry(params, units)
+    splits = _split_assigner(params, units)
+    spec, radiometry_record = _radiometry(params, units, splits)
     counts = _Counts()
     sources: list[dict] = []
     seen: dict[str, str] = {}  # HR content hash -> tile id of the first kept copy
@@ -108,21 +109,19 @@ def run_etl(params: EtlParams, out_dir: str | Path) -> EtlReport:
         writers = {split: SplitWriter(staging / f"{split}.parquet", split) for split in SPLITS}
         try:
             for hr_file, lr_file in tqdm(units, desc="etl images", unit="img", disable=None):
-                record = _process_unit(hr_file, lr_file, params, spec, counts, seen, writers, skipped, pool)
+                record = _process_unit(hr_file, lr_file, params, spec, splits, counts, seen, writers, skipped, pool)
                 if record is not None:
                     sources.append(record)
         finally:
             split_entries = {split: writer.close() for split, writer in writers.items()}
         _check_usable(counts, skipped, description, len(units))
+        _check_splits(params, split_entries, splits)
         manifest = _manifest(params, description, counts, split_entries, skipped, ignored, sources)
+        manifest["split_assignment"] = splits.method
         manifest["data"] = spec.to_config()
         manifest["radiometry"] = {"method": params.radiometry.method, "computed_on": radiometry_record,
                                   "rule": "model = (stored - low) / (high - low), per band and data kind"}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    for split, entry in split_entries.items():
-        if entry["rows"] == 0:
-            log.warning("split %r is empty: %d source groups are too few for ratios %s; add data or change "
-                        "etl.split_seed / etl.splits", split, _group_count(split_entries), params.splits)
     return EtlReport(manifest, time.perf_counter() - start)
 
 
@@ -145,7 +144,34 @@ def _list_units(params: EtlParams) -> tuple[list[tuple[SourceFile, SourceFile | 
     return units, skipped, ignored, description
 
 
-def _radiometry(params: EtlParams, units) -> tuple[DataSpec, dict]:
+def _split_assigner(params: EtlParams, units) -> SplitAssigner:
+    """Image groups are known from the listing, so a small folder can still fill every split (SplitAssigner)."""
+    groups = None
+    if params.effective_group_by == "image":
+        groups = [group_id(hr.key, 0, 0, group_by="image", block_tiles=params.block_tiles,
+                           group_regex=params.group_regex) for hr, _ in units]
+    assigner = SplitAssigner(vars(params.splits), params.split_seed, groups)
+    if assigner.method == "ranked":
+        log.info("split thresholds left a split without any of the %d groups; assigned by rank instead: %s",
+                 len(set(groups)), dict(sorted(assigner.fixed.items())))
+    return assigner
+
+
+def _check_splits(params: EtlParams, split_entries: dict, splits: SplitAssigner) -> None:
+    """Every split with a share must hold rows, or training or evaluation would fail minutes later."""
+    wanted = [s for s in SPLITS if vars(params.splits)[s] > 0]
+    empty = [s for s in wanted if split_entries[s]["rows"] == 0]
+    if empty:
+        groups = _group_count(split_entries)
+        what = "images (or etl.group_regex groups)" if params.effective_group_by == "image" else "groups"
+        raise EtlError(f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty: {groups} "
+                       f"source {what} with kept tiles for {len(wanted)} splits with a share, assigned by "
+                       f"{splits.method}; every split needs at least one, so add images (at least {len(wanted)} "
+                       f"usable), or set the share of {' and '.join(empty)} to 0 in etl.splits (e.g. "
+                       "{train: 1, val: 0, test: 0} for a training-only dataset)")
+
+
+def _radiometry(params: EtlParams, units, splits: SplitAssigner) -> tuple[DataSpec, dict]:
     """The dataset's bands and radiometry: fixed, or percentiles of the training split's rasters."""
     if params.radiometry.method == "fixed":
         return fixed_spec(params), {}
@@ -154,7 +180,7 @@ def _radiometry(params: EtlParams, units) -> tuple[DataSpec, dict]:
         try:
             with open_image(hr_file, params) as image:
                 if image.kind != "8bit":  # 8-bit is always 0..255
-                    sample = training_sample(image, hr_file.key, params)
+                    sample = training_sample(image, hr_file.key, params, splits)
                     if sample is not None:
                         samples.setdefault(image.kind, []).append(sample)
         except (ImageDecodeError, OSError):
@@ -169,7 +195,7 @@ def _skip(skipped: list, name: str, reason: str) -> None:
     log.warning("skipped %s: %s", name, reason)
 
 
-def _process_unit(hr_file, lr_file, params, spec, counts, seen, writers, skipped, pool) -> dict | None:
+def _process_unit(hr_file, lr_file, params, spec, splits, counts, seen, writers, skipped, pool) -> dict | None:
     """Tile one source image (or HR/LR pair) into the writers; return its manifest record or None if skipped."""
     try:
         with open_image(hr_file, params) as image:
@@ -181,13 +207,14 @@ def _process_unit(hr_file, lr_file, params, spec, counts, seen, writers, skipped
                 except (ImageDecodeError, OSError) as exc:
                     _skip(skipped, f"lr:{lr_file.key}", str(exc))
                     return None
-            return _tile_image(hr_file, lr_file, image, lr, params, spec, counts, seen, writers, skipped, pool)
+            return _tile_image(hr_file, lr_file, image, lr, params, spec, splits, counts, seen, writers, skipped,
+                               pool)
     except (ImageDecodeError, OSError) as exc:
         _skip(skipped, hr_file.key, str(exc))
         return None
 
 
-def _tile_image(hr_file, lr_file, image: SourceImage, lr, params, spec, counts, seen, writers, skipped,
+def _tile_image(hr_file, lr_file, image: SourceImage, lr, params, spec, splits, counts, seen, writers, skipped,
                 pool) -> dict | None:
     height, width = image.height, image.width
     if height < params.tile_size or width < params.tile_size:
@@ -205,7 +232,8 @@ def _tile_image(hr_file, lr_file, image: SourceImage, lr, params, spec, counts, 
     counts.images_read += 1
     kept, rows_done, error = 0, 0, None
     try:
-        for row_tiles in _select_tiles(hr_file.key, image, params, spec, counts, seen, lr_image, pair_scale):
+        for row_tiles in _select_tiles(hr_file.key, image, params, spec, splits, counts, seen, lr_image,
+                                       pair_scale):
             _write_rows(hr_file.key, row_tiles, params, writers, lr_image, pair_scale, pool)
             kept += len(row_tiles)
             rows_done += 1
@@ -253,7 +281,7 @@ def _units(spec: DataSpec, dtype: str):
     return lambda tiles: (tiles.astype(np.float32) - low) * scale
 
 
-def _select_tiles(key, image: SourceImage, params, spec, counts, seen, lr_image,
+def _select_tiles(key, image: SourceImage, params, spec, splits, counts, seen, lr_image,
                   pair_scale) -> Iterator[list[_Kept]]:
     """Cut, filter, group and split the tiles of one image, reading a row of tiles at a time, and yield the kept
     tiles row by row (registered in `seen`), so memory holds three rows of tiles whatever the image size: a row is
@@ -271,13 +299,14 @@ def _select_tiles(key, image: SourceImage, params, spec, counts, seen, lr_image,
     pending: dict[int, dict[int, tuple[np.ndarray, str, str]]] = {}  # row -> col -> (pixels, group, split)
     for row in tqdm(range(n_rows + 1), desc=f"tiling {key}", unit="row", leave=False, disable=None):
         if row < n_rows:
-            pending[row] = _candidates(key, row, image, params, size, n_cols, units, weights, group_by, counts)
+            pending[row] = _candidates(key, row, image, params, splits, size, n_cols, units, weights, group_by,
+                                       counts)
         if row >= 1:  # row - 1 now has all its neighbours
             yield _settle(key, row - 1, pending, guarding, size, counts, seen)
             pending.pop(row - 2, None)
 
 
-def _candidates(key, row, image, params, size, n_cols, units, weights, group_by, counts) -> dict:
+def _candidates(key, row, image, params, splits, size, n_cols, units, weights, group_by, counts) -> dict:
     """The tiles of one grid row that pass the nodata and near-uniform filters, with their group and split."""
     values, valid = image.rows(row * size, (row + 1) * size)
     grid_row = cut_row(row, values, valid, size, n_cols, units, weights)
@@ -288,7 +317,7 @@ def _candidates(key, row, image, params, size, n_cols, units, weights, group_by,
     for col in np.flatnonzero(~too_empty & (grid_row.std >= params.min_tile_std)).tolist():
         group = group_id(key, row, col, group_by=group_by, block_tiles=params.block_tiles,
                          group_regex=params.group_regex)
-        split = assign_split(group, vars(params.splits), params.split_seed)
+        split = splits(group)
         pixels = grid_row.tiles[col]
         if grid_row.nodata_share[col] > 0:
             pixels = _filled(pixels, grid_row.valid[col])

@@ -28,7 +28,7 @@ from hndsr.images import ImageDecodeError, decode_rgb
 from hndsr.raster import KINDS, BandRange, DataSpec, RasterError
 from pipeline.config import EtlParams
 from pipeline.sources import SourceFile, sha256_of
-from pipeline.tiling import assign_split, grid_shape, group_id
+from pipeline.tiling import SplitAssigner, grid_shape, group_id
 
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 SAMPLE_SIDE = 512  # longest side of the reduced read that percentiles are computed from
@@ -173,7 +173,7 @@ def percentile_spec(params: EtlParams, samples: dict[str, list[np.ndarray]]) -> 
     return DataSpec(spec.bands, radiometry), record
 
 
-def training_sample(image: SourceImage, key: str, params: EtlParams) -> np.ndarray | None:
+def training_sample(image: SourceImage, key: str, params: EtlParams, splits: SplitAssigner) -> np.ndarray | None:
     """(C, N) valid pixels of the training split from a reduced read of `image` (at most SAMPLE_PIXELS), or None."""
     values, valid = image.sample(SAMPLE_SIDE)
     step_y, step_x = image.height / values.shape[1], image.width / values.shape[2]
@@ -186,7 +186,7 @@ def training_sample(image: SourceImage, key: str, params: EtlParams) -> np.ndarr
             group = group_id(key, row, col, group_by=params.effective_group_by, block_tiles=params.block_tiles,
                              group_regex=params.group_regex)
             if group not in by_group:
-                by_group[group] = assign_split(group, vars(params.splits), params.split_seed) == "train"
+                by_group[group] = splits(group) == "train"
             train[row, col] = by_group[group]
     ys = np.minimum((np.arange(values.shape[1]) * step_y).astype(np.int64) // params.tile_size, n_rows)
     xs = np.minimum((np.arange(values.shape[2]) * step_x).astype(np.int64) // params.tile_size, n_cols)

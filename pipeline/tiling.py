@@ -93,16 +93,56 @@ def group_id(source_key: str, row: int, col: int, *, group_by: str, block_tiles:
     return base
 
 
+def _uniform(group: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def assign_split(group: str, ratios: Mapping[str, float], seed: int) -> str:
     """Deterministic split for a group: a uniform number from SHA-256(seed:group) cut by the ratios."""
-    digest = hashlib.sha256(f"{seed}:{group}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    u = _uniform(group, seed)
     cumulative = 0.0
     for split in ("train", "val"):
         cumulative += ratios[split]
         if u < cumulative:
             return split
     return "test" if ratios["test"] > 0 else ("val" if ratios["val"] > 0 else "train")
+
+
+class SplitAssigner:
+    """The split of each group. By hash thresholds (`assign_split`), so a group keeps its split when data is added;
+    but when the groups are known up front (one per image, or per `group_regex` match) and the thresholds leave a
+    split that has a share without any group, by rank of the same hash values instead: the lowest to train, then
+    val, then test, each split with a share getting max(1, round(share x groups)) (train the rest), which a small
+    folder needs. With fewer groups than splits that have a share, nothing can fill them: hash thresholds, and the
+    ETL reports the empty split."""
+
+    def __init__(self, ratios: Mapping[str, float], seed: int, groups: list[str] | None = None) -> None:
+        self.ratios, self.seed = dict(ratios), seed
+        self.method, self.fixed = "hash", {}
+        if not groups:
+            return
+        groups = sorted(set(groups))
+        wanted = [s for s in SPLIT_PRIORITY if self.ratios[s] > 0]
+        if {assign_split(g, self.ratios, seed) for g in groups} >= set(wanted):
+            return
+        if len(groups) < len(wanted):
+            return
+        held_out = {s: max(1, round(self.ratios[s] * len(groups))) for s in wanted if s != "train"}
+        while len(groups) - sum(held_out.values()) < 1:  # train keeps at least one group
+            largest = max(held_out, key=lambda s: (held_out[s], SPLIT_PRIORITY[s]))
+            held_out[largest] -= 1
+        order = sorted(groups, key=lambda g: (_uniform(g, seed), g))
+        counts = {"train": len(groups) - sum(held_out.values()), **held_out}
+        position = 0
+        for split in SPLIT_PRIORITY:
+            for group in order[position : position + counts.get(split, 0)]:
+                self.fixed[group] = split
+            position += counts.get(split, 0)
+        self.method = "ranked"
+
+    def __call__(self, group: str) -> str:
+        return self.fixed.get(group) or assign_split(group, self.ratios, self.seed)
 
 
 def guard_band(splits: Mapping[tuple[int, int], str]) -> set[tuple[int, int]]:

@@ -150,6 +150,16 @@ def register(registry: Registry, candidate: Candidate, params_path: str | Path, 
         version = registry.register(checkpoints, python_model=PYFUNC_FILE, experiment=experiment, tags=tags,
                                     run_tags={"candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash},
                                     signature=signature, input_example=example, pip_requirements=_requirements())
+    # Two promotions of the same weights at once both find none above and both register. The registry has no
+    # compare-and-set, so each resolves it after the fact, the same way: the lowest version holding these weights
+    # survives, and whoever registered a higher one deletes it and gates the survivor instead.
+    same = sorted((v for v in registry.versions() if v.tags.get("candidate_id") == candidate.id),
+                  key=lambda v: int(v.version))
+    if same and same[0].version != version.version:
+        log.info("version %s holds the same weights (registered concurrently); deleting version %s, registered by "
+                 "this run, and gating version %s", same[0].version, version.version, same[0].version)
+        registry.delete_version(version.version)
+        return same[0], False
     return version, True
 
 

@@ -235,11 +235,19 @@ class Registry:
     def _run(self, name: str, *, experiment: str, tags: dict[str, str]) -> Iterator[str]:
         """A run of the pipeline's experiment (created if new), tagged `stage = name` like the training runs."""
         import mlflow
+        from mlflow.exceptions import MlflowException
 
         mlflow.set_tracking_uri(self.uri)
         found = mlflow.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found is not None else \
-            mlflow.create_experiment(experiment, artifact_location=self._artifact_location)
+        if found is None:
+            try:
+                experiment_id = mlflow.create_experiment(experiment, artifact_location=self._artifact_location)
+            except MlflowException:  # another promotion created it just now (a unique-name error): use that one
+                found = mlflow.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+        if found is not None:
+            experiment_id = found.experiment_id
         all_tags = {"stage": name, "git_commit": git_commit(), **tags}
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags) as run:
             log.info("MLflow run %s (%s) at %s", run.info.run_id, name, redact(self.uri))

@@ -40,12 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         acceleration.keep_freed_memory()
-        try:
-            state.model, state.engine = await asyncio.to_thread(runtime.start, settings,
-                                                                on_batch=state.metrics.batch_size.observe)
-        except loader.ModelLoadError as exc:
-            log.error("cannot load the model, not starting: %s", exc)
-            raise
+        if state.preloaded is not None:  # `hndsr serve` started it before uvicorn (start-up errors are one line)
+            state.model, state.engine = state.preloaded
+            state.preloaded = None
+        else:
+            try:
+                state.model, state.engine = await asyncio.to_thread(runtime.start, settings,
+                                                                    on_batch=state.metrics.batch_size.observe)
+            except loader.ModelLoadError as exc:
+                log.error("cannot load the model, not starting: %s", exc)
+                raise
         state.metrics.set_model(state.model.info)
         state.ready = True
         poller = asyncio.create_task(_poll(state)) if settings.poll_s > 0 else None

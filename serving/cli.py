@@ -14,13 +14,17 @@ from hndsr.cli import Command
 from serving.settings import SettingsError, load_settings
 
 log = logging.getLogger("hndsr.serving")
+EXIT_SETTINGS = 2  # a setting is invalid (the message names the variable)
+EXIT_STARTUP = 4  # the model cannot be loaded or started (3 is `hndsr registry promote`'s "rejected")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve the model over HTTP: POST /v1/super-resolve, GET /v1/model, /healthz, /readyz, /metrics, /docs. "
         "The model comes from MODEL_URI (default models:/hndsr@production, resolved at MLFLOW_TRACKING_URI; "
-        "or a local folder); limits and the API key from HNDSR_* variables (README: Serving).")
+        "or a local folder); limits and the API key from HNDSR_* variables (README: Serving). Exit status: 0 after "
+        f"a clean shutdown, {EXIT_SETTINGS} for an invalid setting, {EXIT_STARTUP} when the model cannot be loaded "
+        "or started (the reason on one line).")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
 
@@ -28,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from hndsr.errors import UserError
+    from serving import runtime
     from serving.app import create_app
     from serving.loader import ModelLoadError
 
@@ -35,8 +41,14 @@ def main(args: argparse.Namespace) -> int:
         settings = load_settings()
     except SettingsError as exc:
         print(f"hndsr serve: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SETTINGS
     app = create_app(settings)
+    state = app.state.hndsr
+    try:  # before uvicorn, so a model that cannot start is one line and an exit status, not a lifespan traceback
+        state.preloaded = runtime.start(settings, on_batch=state.metrics.batch_size.observe)
+    except (ModelLoadError, UserError) as exc:
+        print(f"hndsr serve: error: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -48,14 +60,10 @@ def main(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on",
                             timeout_graceful_shutdown=int(settings.drain_s), access_log=False)
     server = Server(config)
-    try:
-        server.run()
-    except ModelLoadError as exc:
-        print(f"hndsr serve: error: cannot load the model: {exc}", file=sys.stderr)
-        return 1
+    server.run()
     if not server.started:
         print("hndsr serve: error: the server did not start (see the log above)", file=sys.stderr)
-        return 1
+        return EXIT_STARTUP
     return 0
 
 

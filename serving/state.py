@@ -24,6 +24,7 @@ class State:
         self.engine: Engine | None = None
         self.ready = False
         self.draining = False
+        self.preloaded: tuple[LoadedModel, Engine] | None = None  # started before the app (by `hndsr serve`)
 
 
 def get_state(request: Request) -> State:

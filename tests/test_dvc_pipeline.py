@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,10 @@ def test_full_pipeline_tiny(project):
     trace = project / "params-trace.jsonl"
     result = _run(["dvc", "repro"], project, HNDSR_PARAMS_TRACE=str(trace))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Without a terminal (DVC pipes the output) training reports progress as lines, one per evaluation.
+    output = result.stdout + result.stderr
+    for stage in ("autoencoder", "operator", "diffusion"):
+        assert f"{stage} trial 0 of" in output and re.search(rf"{stage}: step \d+/\d+, train loss", output), stage
 
     # Every stage read only params sections that dvc.yaml declares for it (else DVC would not re-run it).
     traced = {" ".join(line["command"]): line["sections"] for line in map(json.loads, trace.read_text().splitlines())}

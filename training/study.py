@@ -59,12 +59,15 @@ def run_study(stage: str, params: StageParams, study: optuna.Study,
         hp = suggest(trial, params.search)
         seed = params.seed + trial.number
         torch.manual_seed(seed)
-        with tracking.trial_run(trial.number, hp, {"stage": stage, **tags}):
+        log.info("%s trial %d of %d: %s", stage, trial.number, params.n_trials, hp or "the params' values")
+        with tracking.trial_run(trial.number, hp, {"stage": stage, **tags}, stopped=(optuna.TrialPruned,)):
             def report(step: int, metrics: dict[str, float]) -> None:
                 tracking.log_metrics(metrics, step=step)
                 trial.report(metrics["val_score"], step)
                 if trial.should_prune():
-                    tracking.set_tags({"status": "pruned"})
+                    tracking.set_tags({"status": "pruned", "pruned_at_step": str(step)})
+                    log.info("%s trial %d pruned at step %d: validation %.4f is behind the median of earlier "
+                             "trials", stage, trial.number, step, metrics["val_score"])
                     raise optuna.TrialPruned(f"pruned at step {step}")
 
             try:

@@ -19,10 +19,18 @@ log = logging.getLogger("hndsr.tracking")
 
 
 def _experiment_id(mlflow, name: str, artifact_location: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:  # another stage or worker created it just now (a unique-name error): use that one
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 @contextlib.contextmanager
@@ -42,13 +50,24 @@ def stage_run(stage: str, *, experiment: str, tags: dict[str, str], params: dict
 
 
 @contextlib.contextmanager
-def trial_run(number: int, params: dict, tags: dict[str, str]) -> Iterator[str]:
-    """A nested run for one Optuna trial under the active stage run."""
+def trial_run(number: int, params: dict, tags: dict[str, str], *,
+              stopped: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
+    """A nested run for one Optuna trial under the active stage run, with its sampled params. It ends FINISHED,
+    KILLED when the block raises one of `stopped` (a pruned trial: stopped on purpose, not a failure), else
+    FAILED."""
     import mlflow
 
-    with mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"trial": str(number), **tags}) as run:
+    run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"trial": str(number), **tags})
+    try:
         mlflow.log_params(_flatten(params))
         yield run.info.run_id
+    except stopped:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
 
 
 def set_tags(tags: dict[str, str]) -> None:

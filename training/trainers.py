@@ -118,6 +118,9 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
             running, train_seconds = [], 0.0
             history.append({"step": step, **metrics})
             bar.set_postfix(val=f"{metrics['val_score']:.3f}")
+            if bar.disable:  # no terminal (dvc repro, CI, a log file): one line per evaluation instead of the bar
+                log.info("%s: step %d/%d, train loss %.3g, validation %.4f, %.0f samples/s", name, step,
+                         params.iterations, metrics["train_loss"], metrics["val_score"], metrics["samples_per_s"])
             report(step, metrics)
     return history
 

@@ -1,6 +1,7 @@
 """Folder sources: the real images in ../shared/data/realsat, bad inputs, and the paired HR/LR layout."""
 
 import io
+import json
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,12 @@ from pipeline.sources import SourceError
 REALSAT_GROUPS = r"^(naip_northdakota|oam_kampala)_"
 
 
+TRAIN_ONLY = SplitRatios(1.0, 0.0, 0.0)  # for folders of fewer images than splits, where splits are not the point
+
+
 def _params(source, **overrides) -> EtlParams:
-    return EtlParams(source=str(source), splits=SplitRatios(0.6, 0.2, 0.2), **overrides)
+    overrides.setdefault("splits", SplitRatios(0.6, 0.2, 0.2))
+    return EtlParams(source=str(source), **overrides)
 
 
 def test_realsat_folder(realsat, tmp_path, dataset_checker):
@@ -72,7 +77,7 @@ def test_bad_inputs_are_skipped_and_reported(realsat, tmp_path, dataset_checker)
     (src / ".hidden.png").write_bytes(b"ignored: hidden")
     (src / "gif_in_disguise.png").write_bytes(_gif())
 
-    report = run_etl(_params(src), tmp_path / "out")
+    report = run_etl(_params(src, splits=TRAIN_ONLY), tmp_path / "out")
     manifest = dataset_checker(tmp_path / "out", tile_size=120, scales=[2, 2.5, 3, 4])
     reasons = {item["source"]: item["reason"] for item in manifest["skipped"]}
     assert set(reasons) == {"truncated.png", "not_an_image.jpg", "empty.tif", "tiny.png", "gif_in_disguise.png"}
@@ -126,7 +131,7 @@ def test_exact_duplicates_are_dropped(realsat, tmp_path):
     src.mkdir()
     shutil.copy(realsat / "landsat8_grenada.png", src / "a.png")
     shutil.copy(realsat / "landsat8_grenada.png", src / "b.png")
-    manifest = run_etl(_params(src), tmp_path / "out").manifest
+    manifest = run_etl(_params(src, splits=TRAIN_ONLY), tmp_path / "out").manifest
     kept_a, kept_b = (s["tiles_kept"] for s in manifest["sources"])
     assert kept_a > 0 and kept_b == 0
     assert manifest["inputs"]["tiles_dropped"]["duplicate"] == kept_a
@@ -148,7 +153,7 @@ def test_paired_layout(realsat, tmp_path, dataset_checker):
     shutil.copy(realsat / "landsat8_grenada.png", hr_dir / "unpaired.png")
     (lr_dir / "orphan.png").write_bytes(_png(np.zeros((30, 30, 3), dtype=np.uint8)))
 
-    params = _params(hr_dir, lr_source=str(lr_dir))
+    params = _params(hr_dir, lr_source=str(lr_dir), splits=TRAIN_ONLY)
     run_etl(params, tmp_path / "out")
     manifest = dataset_checker(tmp_path / "out", tile_size=120, scales=params.scales)
     rows = [r for s in ("train", "val", "test") for r in _rows(tmp_path / "out", s)]
@@ -180,7 +185,8 @@ def test_paired_scale_outside_params_is_skipped(realsat, tmp_path):
     shutil.copy(realsat / "spacenet6_rotterdam_urban.png", hr_dir / "ok.png")
     with Image.open(realsat / "spacenet6_rotterdam_urban.png") as image:
         image.resize((100, 100)).save(lr_dir / "ok.png")  # 3x: a valid pair
-    manifest = run_etl(_params(hr_dir, lr_source=str(lr_dir), scales=[2.5, 3.0]), tmp_path / "out").manifest
+    manifest = run_etl(_params(hr_dir, lr_source=str(lr_dir), scales=[2.5, 3.0], splits=TRAIN_ONLY),
+                       tmp_path / "out").manifest
     assert [s["id"] for s in manifest["sources"]] == ["ok.png"]
     reasons = {s["source"]: s["reason"] for s in manifest["skipped"]}
     assert "1024x1024 and LR 512x512 do not match any scale" in reasons["k.png"]
@@ -238,3 +244,26 @@ def test_warns_when_a_folder_source_is_not_a_dvc_dependency(tmp_path, caplog, mo
         assert caplog.messages == []
         warn_if_untracked("elsewhere/imagery", dvc_file)
     assert "add `- elsewhere/imagery` under stages.etl.deps" in caplog.messages[0]
+
+
+def test_three_images_fill_three_splits_and_two_are_a_clear_error(realsat, tmp_path):
+    names = ["landsat8_grenada.png", "spacenet6_rotterdam_urban.png", "landsat7_bahamas_crop.png"]
+    src = tmp_path / "three"
+    src.mkdir()
+    for name in names:
+        shutil.copy(realsat / name, src / name)
+    params = EtlParams(source=str(src))  # the default 0.8 / 0.1 / 0.1: hash thresholds alone leave splits empty
+    manifest = run_etl(params, tmp_path / "out").manifest
+    assert manifest["split_assignment"] == "ranked"
+    assert [manifest["splits"][s]["sources"] for s in ("train", "val", "test")] == [1, 1, 1]
+
+    (src / names[0]).unlink()
+    with pytest.raises(EtlError, match=r"split.* empty: 2 source images \(or etl.group_regex groups\) with kept "
+                                       r"tiles for 3 splits .* add images \(at least 3 usable\), or set the share"):
+        run_etl(params, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest  # the previous output stays
+
+
+def test_enough_images_keep_the_hash_assignment(realsat, tmp_path):
+    manifest = run_etl(_params(realsat), tmp_path / "out").manifest
+    assert manifest["split_assignment"] == "hash"  # adding data never moves a group between splits

@@ -18,6 +18,7 @@ from pipeline.config import EtlParams, RadiometryParams, SplitRatios
 from pipeline.etl import run_etl
 
 SPLITS = ("train", "val", "test")
+TRAIN_ONLY = SplitRatios(1.0, 0.0, 0.0)  # one or two rasters cannot fill three splits
 
 
 def _folder(tmp_path, geotiff, *names):
@@ -35,7 +36,7 @@ def _rows(out) -> list[dict]:
 def test_rasters_keep_their_type_and_the_nodata_collar_is_dropped(geotiff, tmp_path, dataset_checker):
     src = _folder(tmp_path, geotiff, "landsat7_rgb_byte_nodata.tif", "landsat8_rgb_uint16.tif")
     params = EtlParams(source=str(src), tile_size=60, scales=[2, 3, 4], min_tile_std=1.0,
-                       splits=SplitRatios(0.6, 0.2, 0.2), radiometry=RadiometryParams(scale={"16bit": 40000.0}))
+                       splits=TRAIN_ONLY, radiometry=RadiometryParams(scale={"16bit": 40000.0}))
     report = run_etl(params, tmp_path / "out")
     manifest = dataset_checker(tmp_path / "out", tile_size=60, scales=[2, 3, 4])
     sources = {s["id"]: s for s in manifest["sources"]}
@@ -69,9 +70,9 @@ def test_rasters_keep_their_type_and_the_nodata_collar_is_dropped(geotiff, tmp_p
 
 def test_a_declared_nodata_share_keeps_edge_tiles_and_fills_their_nodata(geotiff, tmp_path):
     src = _folder(tmp_path, geotiff, "landsat7_rgb_byte_nodata.tif")
-    strict = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3]), tmp_path / "strict")
-    lenient = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3], max_nodata_share=0.5),
-                      tmp_path / "lenient")
+    strict = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3], splits=TRAIN_ONLY), tmp_path / "strict")
+    lenient = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3], max_nodata_share=0.5,
+                                splits=TRAIN_ONLY), tmp_path / "lenient")
     assert lenient.manifest["inputs"]["tiles_dropped"]["nodata"] < strict.manifest["inputs"]["tiles_dropped"]["nodata"]
     assert lenient.manifest["inputs"]["tiles_kept"] > strict.manifest["inputs"]["tiles_kept"]
     with rasterio.open(src / "landsat7_rgb_byte_nodata.tif") as dataset:
@@ -94,7 +95,7 @@ def test_a_declared_nodata_share_keeps_edge_tiles_and_fills_their_nodata(geotiff
 
 def test_percentile_radiometry_comes_from_the_training_split(geotiff, tmp_path):
     src = _folder(tmp_path, geotiff, "landsat8_rgb_uint16.tif", "reflectance_4band_float64.tif")
-    params = EtlParams(source=str(src), tile_size=60, scales=[2, 3], splits=SplitRatios(1.0, 0.0, 0.0),
+    params = EtlParams(source=str(src), tile_size=60, scales=[2, 3], splits=TRAIN_ONLY,
                        source_bands={"reflectance_*": [3, 2, 1]}, radiometry=RadiometryParams(method="percentile"))
     report = run_etl(params, tmp_path / "out")
     radiometry = report.manifest["data"]["radiometry"]
@@ -121,7 +122,7 @@ def test_png_sources_cannot_feed_a_four_band_model(geotiff, realsat, tmp_path):
     src = _folder(tmp_path, geotiff, "naip_rgbn_2009.tif")
     shutil.copy(realsat / "landsat8_grenada.png", src / "photo.png")
     report = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3], bands=[1, 2, 3, 4],
-                               band_names=["red", "green", "blue", "nir"]), tmp_path / "out")
+                               band_names=["red", "green", "blue", "nir"], splits=TRAIN_ONLY), tmp_path / "out")
     assert report.manifest["skipped"] == [{"source": "photo.png", "reason": report.manifest["skipped"][0]["reason"]}]
     assert "PNG and JPEG images are RGB" in report.manifest["skipped"][0]["reason"]
     assert report.manifest["data"]["bands"] == ["red", "green", "blue", "nir"]
@@ -131,7 +132,7 @@ def test_png_sources_cannot_feed_a_four_band_model(geotiff, realsat, tmp_path):
 def test_a_band_the_raster_lacks_is_a_skip_naming_the_fix(geotiff, tmp_path):
     src = _folder(tmp_path, geotiff, "naip_rgbn_2009.tif", "landsat8_rgb_uint16.tif")
     report = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3], bands=[1, 2, 3, 4],
-                               min_tile_std=1.0), tmp_path / "out")
+                               min_tile_std=1.0, splits=TRAIN_ONLY), tmp_path / "out")
     reason = {s["source"]: s["reason"] for s in report.manifest["skipped"]}["landsat8_rgb_uint16.tif"]
     assert "band 4 does not exist: the raster has bands 1..3" in reason and "etl.source_bands" in reason
 
@@ -152,7 +153,7 @@ def test_a_raster_that_fails_part_way_keeps_what_was_read_and_says_so(geotiff, t
         handle.seek(offset)
         handle.write(b"\xff" * 64)
     report = run_etl(EtlParams(source=str(src), tile_size=60, scales=[2, 3], min_tile_std=1.0,
-                               splits=SplitRatios(1.0, 0.0, 0.0)), tmp_path / "out")
+                               splits=TRAIN_ONLY), tmp_path / "out")
     record = report.manifest["sources"][0]
     assert 0 < record["tiles_kept"] < (values.shape[1] // 60) * (values.shape[2] // 60)
     # Tile row 6 reaches the broken block; rows are settled one behind (the guard band), so 5 are in.

@@ -102,7 +102,7 @@ def test_geotiff_sources_on_s3_give_the_same_dataset_as_in_a_folder(s3_env, geot
     for name in names:
         client.upload_file(str(geotiff / name), "rasters", f"scenes/{name}")
         shutil.copy(geotiff / name, local / name)
-    params = {"tile_size": 60, "scales": [2, 3], "min_tile_std": 1.0, "splits": SplitRatios(0.6, 0.2, 0.2)}
+    params = {"tile_size": 60, "scales": [2, 3], "min_tile_std": 1.0, "splits": SplitRatios(1.0, 0.0, 0.0)}
     from_s3 = run_etl(EtlParams(source="s3://rasters/scenes", **params), tmp_path / "from_s3")
     dataset_checker(tmp_path / "from_s3", tile_size=60, scales=[2, 3])
     from_folder = run_etl(EtlParams(source=str(local), **params), tmp_path / "from_folder")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import free_port
@@ -324,3 +327,61 @@ def test_gate_checks_in_isolation():
     assert not gate.consistent({"2": {**figures, "consistency_nrmse": 0.05}}, params).passed
     old = gate.consistent({"2": {"psnr": 30.0}}, params)  # an eval.json from before the figures existed
     assert not old.passed and "re-run `dvc repro` (stage evaluate)" in old.detail
+
+
+RACER = """
+import logging, pathlib, sys, time
+logging.basicConfig(level=logging.INFO)
+from registry import store
+barrier, me = pathlib.Path(sys.argv[1]), sys.argv[2]
+original = store.Registry.find
+def find(self, tag, value):  # both processes look for these weights before either has registered them
+    found = original(self, tag, value)
+    (barrier / me).touch()
+    deadline = time.monotonic() + 120
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+store.Registry.find = find
+from registry.promote import promote
+report = promote("params.yaml", "reports/promotion.json")
+print("version", report["version"], report["decision"])
+"""
+
+
+def test_concurrent_promotions_of_the_same_weights_leave_one_version(make_project, mlflow_server, tmp_path):
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    projects = [make_project("good", model_name=name, folder=f"copy{i}") for i in range(2)]
+    for project in projects:  # a new experiment too, so both also race to create it
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        params["train"]["experiment"] = f"race-{name}"
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    processes = [subprocess.Popen([sys.executable, "-c", RACER, str(barrier), str(i)], cwd=project,
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i, project in enumerate(projects)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    assert all(p.returncode == 0 for p in processes), "\n---\n".join(err[-4000:] for _, err in outputs)
+    # Both registered (the barrier made sure neither found the other's version); exactly one version survives,
+    # the lowest, and both gated it.
+    assert [v["version"] for v in status(projects[0], uri)["versions"]] == ["1"]
+    assert all("version 1 " in out for out, _ in outputs), outputs
+    assert any("deleting version 2, registered by this run" in err for _, err in outputs), outputs
+
+
+def test_a_corrupt_checkpoint_is_one_line_and_registers_nothing(make_project, mlflow_server):
+    project = make_project("good")
+    weights = project / "models" / "operator" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:20] = b'{"garbage": '
+    weights.write_bytes(bytes(data))
+    result = registry_cli(project, mlflow_server.uri, "promote")
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("hndsr registry: error: models/operator/model.safetensors is not a readable "
+                                "safetensors file (") and errors[0].endswith("or re-run `dvc repro`")
+    assert "Traceback" not in result.stderr
+    nothing = registry_cli(project, mlflow_server.uri, "status")  # the gate never started: nothing registered
+    assert nothing.returncode == 1 and "no registered model" in nothing.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -374,8 +375,24 @@ def test_request_in_flight_completes_on_sigterm(model_dir, tmp_path):
 
 def test_unloadable_model_exits_non_zero_with_the_reason(tmp_path):
     s = Server({"MODEL_URI": str(tmp_path / "nowhere")}, tmp_path)
-    assert s.process.wait(timeout=60) != 0
-    assert "neither a models:/ URI nor an existing folder" in s.log.read_text()
+    assert s.process.wait(timeout=60) == 4  # start-up failure; 3 is the registry's "rejected"
+    log = s.log.read_text()
+    assert "hndsr serve: error: cannot start: MODEL_URI=" in log and "neither a models:/ URI nor an existing" in log
+    assert "Traceback" not in log
+
+
+def test_a_corrupt_checkpoint_stops_start_up_with_one_line(model_dir, tmp_path):
+    broken = tmp_path / "models"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "autoencoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:20] = b'{"garbage": '  # the JSON header, after its 8-byte length
+    weights.write_bytes(bytes(data))
+    s = Server({"MODEL_URI": str(broken)}, tmp_path)
+    assert s.process.wait(timeout=60) == 4
+    log = s.log.read_text()
+    assert f"{weights} is not a readable safetensors file" in log and "re-run `dvc repro`" in log
+    assert "Traceback" not in log and len([line for line in log.splitlines() if "error" in line.lower()]) == 1
 
 
 def test_a_pass_budget_too_small_for_the_model_stops_start_up(model_dir, tmp_path):

@@ -49,6 +49,7 @@ def test_failed_trials_are_recorded_and_the_best_completed_one_wins(mlflow_db, t
                                               optuna.trial.TrialState.COMPLETE]
     children = sorted(_children(mlflow_db, run_id), key=lambda r: int(r.data.tags["trial"]))
     assert [c.data.tags["status"] for c in children] == ["complete", "failed", "complete"]
+    assert [c.info.status for c in children] == ["FINISHED", "FAILED", "FINISHED"]
     assert "out of patience" in children[1].data.tags["error"]
     assert all("lr" in c.data.params for c in children)
     assert children[2].data.metrics["objective"] == 2.0
@@ -75,7 +76,12 @@ def test_pruner_stops_a_trial_that_falls_behind(mlflow_db, tmp_path):
         study = create_study("operator", PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", run_id)
         run_study("operator", PARAMS, study, train, tags={})
     assert study.trials[1].state == optuna.trial.TrialState.PRUNED
-    assert {c.data.tags["status"] for c in _children(mlflow_db, run_id)} == {"complete", "pruned"}
+    children = sorted(_children(mlflow_db, run_id), key=lambda r: int(r.data.tags["trial"]))
+    assert {c.data.tags["status"] for c in children} == {"complete", "pruned"}
+    pruned = children[1]
+    # Pruned is stopped on purpose, not a failure: KILLED in MLflow, with its sampled params and where it stopped.
+    assert pruned.data.tags["status"] == "pruned" and pruned.info.status == "KILLED"
+    assert "lr" in pruned.data.params and pruned.data.tags["pruned_at_step"] in {"1", "2", "3"}
 
 
 def test_same_seed_same_suggestions(tmp_path):
