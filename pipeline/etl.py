@@ -75,6 +75,24 @@ class _Counts:
 
 
 @dataclass
+class _Run:
+    """What the images of one ETL run share."""
+
+    params: EtlParams
+    spec: DataSpec  # bands and radiometry
+    splits: SplitAssigner
+    writers: dict[str, SplitWriter]
+    pool: ThreadPoolExecutor  # encodes tiles
+    skipped: list[dict]
+    counts: _Counts = field(default_factory=_Counts)
+    seen: dict[str, str] = field(default_factory=dict)  # HR content hash -> tile id of the first kept copy
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append({"source": name, "reason": reason})
+        log.warning("skipped %s: %s", name, reason)
+
+
+@dataclass
 class EtlReport:
     manifest: dict
     seconds: float
@@ -101,22 +119,21 @@ def run_etl(params: EtlParams, out_dir: str | Path) -> EtlReport:
     units, skipped, ignored, description = _list_units(params)
     splits = _split_assigner(params, units)
     spec, radiometry_record = _radiometry(params, units, splits)
-    counts = _Counts()
     sources: list[dict] = []
-    seen: dict[str, str] = {}  # HR content hash -> tile id of the first kept copy
     with atomic_directory(out_dir) as staging, ThreadPoolExecutor(os.cpu_count()) as pool, \
             rasterio.Env(GDAL_CACHEMAX=raster.GDAL_CACHE_MB):
-        writers = {split: SplitWriter(staging / f"{split}.parquet", split) for split in SPLITS}
+        run = _Run(params, spec, splits, {s: SplitWriter(staging / f"{s}.parquet", s) for s in SPLITS}, pool,
+                   skipped)
         try:
             for hr_file, lr_file in tqdm(units, desc="etl images", unit="img", disable=None):
-                record = _process_unit(hr_file, lr_file, params, spec, splits, counts, seen, writers, skipped, pool)
+                record = _process_unit(run, hr_file, lr_file)
                 if record is not None:
                     sources.append(record)
         finally:
-            split_entries = {split: writer.close() for split, writer in writers.items()}
-        _check_usable(counts, skipped, description, len(units))
+            split_entries = {split: writer.close() for split, writer in run.writers.items()}
+        _check_usable(run.counts, skipped, description, len(units))
         _check_splits(params, split_entries, splits)
-        manifest = _manifest(params, description, counts, split_entries, skipped, ignored, sources)
+        manifest = _manifest(params, description, run.counts, split_entries, skipped, ignored, sources)
         manifest["split_assignment"] = splits.method
         manifest["data"] = spec.to_config()
         manifest["radiometry"] = {"method": params.radiometry.method, "computed_on": radiometry_record,
@@ -190,56 +207,48 @@ def _radiometry(params: EtlParams, units, splits: SplitAssigner) -> tuple[DataSp
     return spec, record
 
 
-def _skip(skipped: list, name: str, reason: str) -> None:
-    skipped.append({"source": name, "reason": reason})
-    log.warning("skipped %s: %s", name, reason)
-
-
-def _process_unit(hr_file, lr_file, params, spec, splits, counts, seen, writers, skipped, pool) -> dict | None:
+def _process_unit(run: _Run, hr_file, lr_file) -> dict | None:
     """Tile one source image (or HR/LR pair) into the writers; return its manifest record or None if skipped."""
     try:
-        with open_image(hr_file, params) as image:
+        with open_image(hr_file, run.params) as image:
             lr = None
             if lr_file is not None:
                 try:
-                    with open_image(lr_file, params) as lr_source:
+                    with open_image(lr_file, run.params) as lr_source:
                         lr = (lr_source.rows(0, lr_source.height), lr_source)
                 except (ImageDecodeError, OSError) as exc:
-                    _skip(skipped, f"lr:{lr_file.key}", str(exc))
+                    run.skip(f"lr:{lr_file.key}", str(exc))
                     return None
-            return _tile_image(hr_file, lr_file, image, lr, params, spec, splits, counts, seen, writers, skipped,
-                               pool)
+            return _tile_image(run, hr_file, lr_file, image, lr)
     except (ImageDecodeError, OSError) as exc:
-        _skip(skipped, hr_file.key, str(exc))
+        run.skip(hr_file.key, str(exc))
         return None
 
 
-def _tile_image(hr_file, lr_file, image: SourceImage, lr, params, spec, splits, counts, seen, writers, skipped,
-                pool) -> dict | None:
-    height, width = image.height, image.width
+def _tile_image(run: _Run, hr_file, lr_file, image: SourceImage, lr) -> dict | None:
+    params, height, width = run.params, image.height, image.width
     if height < params.tile_size or width < params.tile_size:
-        _skip(skipped, hr_file.key, f"{width}x{height} is smaller than one {params.tile_size} px tile")
+        run.skip(hr_file.key, f"{width}x{height} is smaller than one {params.tile_size} px tile")
         return None
     lr_image, pair_scale = None, None
     if lr is not None:
         (lr_values, _), lr_source = lr
         pair_scale = _pair_scale((height, width), (lr_source.height, lr_source.width), params.scales)
         if pair_scale is None:
-            _skip(skipped, hr_file.key, f"HR {width}x{height} and LR {lr_source.width}x{lr_source.height} do not "
-                  f"match any scale in etl.scales {params.scales}")
+            run.skip(hr_file.key, f"HR {width}x{height} and LR {lr_source.width}x{lr_source.height} do not match "
+                     f"any scale in etl.scales {params.scales}")
             return None
         lr_image = np.ascontiguousarray(lr_values.transpose(1, 2, 0))  # (h, w, C)
-    counts.images_read += 1
+    run.counts.images_read += 1
     kept, rows_done, error = 0, 0, None
     try:
-        for row_tiles in _select_tiles(hr_file.key, image, params, spec, splits, counts, seen, lr_image,
-                                       pair_scale):
-            _write_rows(hr_file.key, row_tiles, params, writers, lr_image, pair_scale, pool)
+        for row_tiles in _select_tiles(run, hr_file.key, image, lr_image, pair_scale):
+            _write_rows(run, hr_file.key, row_tiles, lr_image, pair_scale)
             kept += len(row_tiles)
             rows_done += 1
     except (ImageDecodeError, OSError) as exc:  # a raster read fails part-way (a corrupt block, a lost mount)
         if rows_done == 0:
-            counts.images_read -= 1
+            run.counts.images_read -= 1
             raise
         cause = str(exc.__cause__ or exc)  # GDAL's own reason is the cause of rasterio's "Read failed"
         error = f"reading failed after {rows_done} tile rows ({cause}); the {kept} tiles kept before it stay"
@@ -281,33 +290,32 @@ def _units(spec: DataSpec, dtype: str):
     return lambda tiles: (tiles.astype(np.float32) - low) * scale
 
 
-def _select_tiles(key, image: SourceImage, params, spec, splits, counts, seen, lr_image,
-                  pair_scale) -> Iterator[list[_Kept]]:
+def _select_tiles(run: _Run, key, image: SourceImage, lr_image, pair_scale) -> Iterator[list[_Kept]]:
     """Cut, filter, group and split the tiles of one image, reading a row of tiles at a time, and yield the kept
     tiles row by row (registered in `seen`), so memory holds three rows of tiles whatever the image size: a row is
     settled once the next is read, because the guard band looks at 8 neighbours. Kept tiles with some nodata (at
     most `max_nodata_share`) get it filled from valid neighbours."""
+    params = run.params
     size = params.tile_size
     n_rows, n_cols = grid_shape(image.height, image.width, size)
     if lr_image is not None:  # keep only tiles whose LR counterpart lies inside the LR image
         lr_tile = round(size / pair_scale)
         n_rows = min(n_rows, lr_image.shape[0] // lr_tile)
         n_cols = min(n_cols, lr_image.shape[1] // lr_tile)
-    group_by = params.effective_group_by
-    guarding = params.guard and group_by == "block"
-    units, weights = _units(spec, image.dtype), luma_weights(spec.bands)
+    guarding = params.guard and params.effective_group_by == "block"
+    units, weights = _units(run.spec, image.dtype), luma_weights(run.spec.bands)
     pending: dict[int, dict[int, tuple[np.ndarray, str, str]]] = {}  # row -> col -> (pixels, group, split)
     for row in tqdm(range(n_rows + 1), desc=f"tiling {key}", unit="row", leave=False, disable=None):
         if row < n_rows:
-            pending[row] = _candidates(key, row, image, params, splits, size, n_cols, units, weights, group_by,
-                                       counts)
+            pending[row] = _candidates(run, key, row, image, n_cols, units, weights)
         if row >= 1:  # row - 1 now has all its neighbours
-            yield _settle(key, row - 1, pending, guarding, size, counts, seen)
+            yield _settle(run, key, row - 1, pending, guarding)
             pending.pop(row - 2, None)
 
 
-def _candidates(key, row, image, params, splits, size, n_cols, units, weights, group_by, counts) -> dict:
+def _candidates(run: _Run, key, row, image, n_cols, units, weights) -> dict:
     """The tiles of one grid row that pass the nodata and near-uniform filters, with their group and split."""
+    params, counts, size = run.params, run.counts, run.params.tile_size
     values, valid = image.rows(row * size, (row + 1) * size)
     grid_row = cut_row(row, values, valid, size, n_cols, units, weights)
     counts.tiles_cut += n_cols
@@ -315,9 +323,9 @@ def _candidates(key, row, image, params, splits, size, n_cols, units, weights, g
     counts.dropped["nodata"] += int(too_empty.sum())
     candidates = {}
     for col in np.flatnonzero(~too_empty & (grid_row.std >= params.min_tile_std)).tolist():
-        group = group_id(key, row, col, group_by=group_by, block_tiles=params.block_tiles,
+        group = group_id(key, row, col, group_by=params.effective_group_by, block_tiles=params.block_tiles,
                          group_regex=params.group_regex)
-        split = splits(group)
+        split = run.splits(group)
         pixels = grid_row.tiles[col]
         if grid_row.nodata_share[col] > 0:
             pixels = _filled(pixels, grid_row.valid[col])
@@ -326,8 +334,9 @@ def _candidates(key, row, image, params, splits, size, n_cols, units, weights, g
     return candidates
 
 
-def _settle(key, row, pending, guarding, size, counts, seen) -> list[_Kept]:
+def _settle(run: _Run, key, row, pending, guarding) -> list[_Kept]:
     """The kept tiles of `row`: not in the guard band (decided on rows row-1..row+1), not a duplicate."""
+    counts, seen, size = run.counts, run.seen, run.params.tile_size
     guarded = set()
     if guarding:
         around = {(r, c): split for r in (row - 1, row, row + 1) for c, (_, _, split) in pending.get(r, {}).items()}
@@ -367,8 +376,9 @@ def _tile_id(key: str, y: int, x: int) -> str:
     return f"{key}@y{y}x{x}"
 
 
-def _write_rows(key, kept, params, writers, lr_image, pair_scale, pool) -> None:
+def _write_rows(run: _Run, key, kept, lr_image, pair_scale) -> None:
     """Make the LR tiles for `kept` and append one row per tile and scale, in raster then scale order."""
+    params, writers, pool = run.params, run.writers, run.pool
     size = params.tile_size
     for start in range(0, len(kept), LR_BATCH):
         batch = kept[start : start + LR_BATCH]
