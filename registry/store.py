@@ -268,10 +268,35 @@ class Registry:
                                                              tracking_uri=self.uri))
             source = local / "artifacts" / CHECKPOINTS
             if not source.is_dir():
+                moved = self._missing_local_artifacts(version)
+                if moved is not None:
+                    raise RegistryError(
+                        f"{self.name} version {version}: its artifacts are recorded at {moved}, which does not exist: "
+                        "the folder holding them was moved or copied after they were logged (a local MLflow database "
+                        "stores absolute paths). Move it back, re-run `dvc repro` here to register the model anew, "
+                        "or keep runs on a tracking server (README: A shared tracking server)")
                 raise RegistryError(f"{self.name} version {version} has no {CHECKPOINTS} artifact; it was not "
                                     "registered by `hndsr registry`")
             shutil.copytree(source, destination, dirs_exist_ok=True)
         return destination
+
+    def _missing_local_artifacts(self, version: str) -> str | None:
+        """The local folder a version's artifacts are recorded in, when it does not exist; else None."""
+        from urllib.parse import unquote, urlparse
+
+        try:
+            source = self.client.get_model_version(self.name, str(version)).source
+            if source.startswith("models:/m-"):  # a logged model (MLflow 3): its own artifact location
+                location = self.client.get_logged_model(source[len("models:/"):]).artifact_location
+            else:
+                return None
+        except Exception:  # noqa: BLE001 - only a better message is at stake; the caller reports the missing artifact
+            return None
+        parsed = urlparse(location)
+        if parsed.scheme not in ("", "file"):
+            return None
+        path = Path(unquote(parsed.path))
+        return str(path) if not path.exists() else None
 
     def load_pyfunc(self, version: str):
         """The version as MLflow loads it (pyfunc flavour, code and artifacts from the registry)."""

@@ -385,3 +385,19 @@ def test_a_corrupt_checkpoint_is_one_line_and_registers_nothing(make_project, ml
     assert "Traceback" not in result.stderr
     nothing = registry_cli(project, mlflow_server.uri, "status")  # the gate never started: nothing registered
     assert nothing.returncode == 1 and "no registered model" in nothing.stderr
+
+
+def test_a_moved_project_says_its_artifacts_were_moved(make_project, tmp_path):
+    from tests.serving.test_server import Server
+
+    name = f"hndsr-{uuid.uuid4().hex[:8]}"
+    project = make_project("good", model_name=name, folder="here")
+    uri = f"sqlite:///{project / 'mlflow.db'}"  # a local database: artifacts under ./mlruns, recorded absolute
+    assert registry_cli(project, uri, "promote").returncode == 0
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    server = Server({"MODEL_URI": f"models:/{name}@production", "MLFLOW_TRACKING_URI": f"sqlite:///{moved / 'mlflow.db'}"},
+                    tmp_path)
+    assert server.process.wait(timeout=120) == 4
+    log = server.log.read_text()
+    assert f"its artifacts are recorded at {project}/mlruns/" in log and "was moved or copied" in log, log[-2000:]
