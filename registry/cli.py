@@ -1,9 +1,14 @@
 """`hndsr registry`: register, gate and promote the pipeline's model; show the registry; roll back.
 
     hndsr registry promote  [--report reports/promotion.json] [--allow-reject]
+    hndsr registry promote  --version N [--reason TEXT]   gate a registered version again
     hndsr registry register
     hndsr registry status   [--json]
-    hndsr registry rollback
+    hndsr registry rollback --reason TEXT
+
+A version that was rolled back is never brought back by the pipeline's promotion of the same weights; after
+fixing what made you roll it back, `promote --version N --reason "what was fixed"` runs the full gate on it
+and, if it passes, moves the alias and records the reason.
 
 Exit status: 0 done (promote: promoted, or already the production version); 3 the gate rejected the candidate
 (0 with --allow-reject, which the `promote` DVC stage uses so `dvc repro` completes and records the decision);
@@ -35,8 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     promote = actions.add_parser("promote", parents=[common],
                                  help="register the model in models/ and move the alias if it passes the gate")
-    promote.add_argument("--report", default="reports/promotion.json",
-                         help="where the decision and every check go (default: %(default)s)")
+    promote.add_argument("--report", default=None,
+                         help="where the decision and every check go (default: reports/promotion.json, the "
+                              "pipeline's; with --version only the MLflow run and the version's tags record it)")
+    promote.add_argument("--version", metavar="N",
+                         help="gate registered version N again instead of the pipeline's model (its checkpoints "
+                              "and test metrics come from the registry)")
+    promote.add_argument("--reason", metavar="TEXT",
+                         help="why (recorded on the version); required to bring back a version that was rolled back")
     promote.add_argument("--summary", metavar="PATH",
                          help="append the gate's table (Markdown) to PATH, e.g. $GITHUB_STEP_SUMMARY")
     promote.add_argument("--allow-reject", action="store_true",
@@ -46,8 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status = actions.add_parser("status", parents=[common],
                                 help="every version with its aliases, key metrics and gate decision")
     status.add_argument("--json", action="store_true", help="machine-readable: model, aliases, versions with tags")
-    actions.add_parser("rollback", parents=[common],
-                       help="move the alias back to the version the current one replaced")
+    rollback = actions.add_parser("rollback", parents=[common],
+                                  help="move the alias back to the version the current one replaced")
+    rollback.add_argument("--reason", required=True, metavar="TEXT",
+                          help="why (recorded on the version taken out; shown by `status` and by the gate)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,7 +76,12 @@ def main(args: argparse.Namespace) -> int:
 def _promote(args) -> int:
     from registry.promote import promote
 
-    report = promote(args.params, args.report)
+    if args.reason is not None and args.version is None:
+        print("hndsr registry promote: error: --reason goes with --version N (the pipeline's promotion records "
+              "its own evidence)", file=sys.stderr)
+        return 2
+    report_path = args.report or (None if args.version else "reports/promotion.json")
+    report = promote(args.params, report_path, version=args.version, reason=args.reason)
     table = format_table(report)
     print(table)
     if args.summary:
@@ -72,7 +90,8 @@ def _promote(args) -> int:
     version, alias = report["version"], report["alias"]
     if report["decision"] == "promoted":
         replaced = f" (was v{report['replaced']})" if report["replaced"] else ""
-        print(f"promote: v{version} passed the gate; {alias} -> v{version}{replaced}")
+        why = f"; reason recorded: {args.reason}" if args.reason else ""
+        print(f"promote: v{version} passed the gate; {alias} -> v{version}{replaced}{why}")
     elif report["decision"] == "unchanged":
         print(f"promote: v{version} passed the gate and already holds {alias}")
     else:
@@ -102,8 +121,9 @@ def _rollback(args) -> int:
     from registry.promote import rollback
 
     params = load_promote(args.params)
-    was, now = rollback(args.params)
-    print(f"rollback: {params.model_name} {params.alias} now points to v{now} (was v{was})")
+    was, now = rollback(args.params, args.reason)
+    print(f"rollback: {params.model_name} {params.alias} now points to v{now} (was v{was}); reason recorded on "
+          f"v{was}. To serve v{was} again once fixed: hndsr registry promote --version {was} --reason '...'")
     return 0
 
 
@@ -120,6 +140,7 @@ def _status(args) -> int:
             "tracking_uri": redact(registry.uri),
             "aliases": aliases,
             "versions": [{"version": v.version, "aliases": list(v.aliases), "status": v.status,
+                          "state": version_state(v, params.alias),
                           "run_id": v.run_id, "source": v.source, "created": _iso(v.created_ms), "tags": v.tags}
                          for v in versions],
         }
@@ -129,12 +150,12 @@ def _status(args) -> int:
     print(f"{params.model_name} at {redact(registry.uri)}; aliases: "
           + (", ".join(f"{a} -> v{v}" for a, v in sorted(aliases.items())) or "none"))
     scales = sorted({s for v in versions for s in scores_from_tags(v.tags)}, key=float)
-    header = ["version", "aliases", "gate", *[f"x{s} PSNR (vs bicubic)" for s in scales], "latency", "dataset",
+    header = ["version", "aliases", "state", *[f"x{s} PSNR (vs bicubic)" for s in scales], "latency", "dataset",
               "created"]
     rows = []
     for v in versions:
         scores = scores_from_tags(v.tags)
-        cells = [f"v{v.version}", ",".join(v.aliases) or "-", v.tags.get("gate.decision", "-")]
+        cells = [f"v{v.version}", ",".join(v.aliases) or "-", version_state(v, params.alias)]
         for s in scales:
             m = scores.get(s)
             cells.append(f"{m['psnr']:.2f} ({m['psnr'] - m['bicubic_psnr']:+.2f})" if m and "bicubic_psnr" in m
@@ -145,9 +166,29 @@ def _status(args) -> int:
         rows.append(cells)
     print(_table(header, rows))
     for v in versions:
-        if v.tags.get("gate.decision") == "rejected":
-            print(f"  v{v.version} rejected: {v.tags.get('gate.reasons', '')}")
+        tags, state = v.tags, version_state(v, params.alias)
+        if "rollback.at" in tags:
+            print(f"  v{v.version} rolled back on {tags['rollback.at']} to v{tags.get('rollback.to', '?')}: "
+                  f"{tags.get('rollback.reason', '')}")
+        if tags.get("promoted.reason"):
+            print(f"  v{v.version} promoted on {tags.get('promoted.at', '?')}: {tags['promoted.reason']}")
+        if state == "rejected":
+            print(f"  v{v.version} rejected: {tags.get('gate.reasons', '')}")
     return 0
+
+
+def version_state(version, alias: str) -> str:
+    """What a version is now, in one word: the alias it holds, rolled back (and not brought back), replaced (was
+    promoted, later replaced), rejected (its latest gate run failed), or pending (never gated)."""
+    tags = version.tags
+    if alias in version.aliases:
+        return alias
+    if tags.get("rolled_back") == "true":
+        return "rolled back"
+    decision = tags.get("gate.decision", "pending")
+    if decision == "promoted":
+        return f"replaced by v{tags['replaced_by']}" if tags.get("replaced_by") else "promoted"
+    return decision
 
 
 def format_table(report: dict) -> str:

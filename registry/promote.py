@@ -12,6 +12,13 @@
 
 A rejected version stays registered, tagged `gate.decision = rejected` with its reasons; the alias does not
 move. If the gate itself fails (an error, not a rejection), a version registered by this call is deleted again.
+
+`promote(version=N)` gates a version already registered (`hndsr registry promote --version N`): its checkpoints
+come from the registry (checked against the weight hashes it was registered with), its scores from its tags.
+`rollback()` moves the alias back and records why on the version it took the alias from (`rolled_back`,
+`rollback.*` tags, and a `rollback` MLflow run). The pipeline's own promotion never brings a rolled-back version
+back; `promote(version=N, reason=...)` does, deliberately: the gate runs in full and the re-promotion is
+recorded (`promoted.reason`, `promoted.at`, a `promote` MLflow run).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -77,6 +85,26 @@ def load_candidate(models_dir: str | Path, metrics_dir: str | Path) -> Candidate
                for stage in STAGES}
     digest = hashlib.sha256("".join(weights[s] for s in sorted(weights)).encode()).hexdigest()
     return Candidate(models_dir, evaluation["scales"], evaluation, weights, run_ids, digest)
+
+
+def registered_candidate(version: Version, checkpoints: Path) -> Candidate:
+    """A registered version as a candidate: its downloaded `checkpoints` (which must hold the weights it was
+    registered with) and the evaluation recorded in its tags."""
+    tags = version.tags
+    scores = scores_from_tags(tags)
+    if not scores:
+        raise RegistryError(f"version {version.version} carries no evaluation tags (eval.x<scale>.*): it was not "
+                            "registered by `hndsr registry`; promote a pipeline candidate instead")
+    weights = {stage: weights_hash(checkpoints / stage) for stage in STAGES}
+    recorded = {stage: tags.get(f"weights.{stage}") for stage in STAGES}
+    if weights != recorded:
+        changed = ", ".join(stage for stage in STAGES if weights[stage] != recorded[stage])
+        raise RegistryError(f"version {version.version}'s checkpoints in the registry differ from the weights it was "
+                            f"registered with ({changed}); the artifact store was altered: register a new version")
+    evaluation = {"dataset_hash": tags.get("dataset_hash", ""), "steps": tags.get("eval.steps"),
+                  "seed": tags.get("eval.seed"), "scales": scores}
+    run_ids = {stage: tags.get(f"run_id.{stage}", "") for stage in STAGES}
+    return Candidate(checkpoints, scores, evaluation, weights, run_ids, tags.get("candidate_id", ""))
 
 
 def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, str]:
@@ -204,43 +232,74 @@ def _radiometry(spec) -> str:
     return ", ".join(f"{kind} {r.method}" for kind, r in sorted(spec.radiometry.items()))
 
 
-def promote(params_path: str | Path = "params.yaml", report_path: str | Path = "reports/promotion.json", *,
-            before_move: Callable[[], None] | None = None) -> dict:
-    """Register and gate the pipeline's model; returns the report (also written to `report_path`).
-    `before_move` runs between the final alias check and the move (tests use it to race)."""
+def promote(params_path: str | Path = "params.yaml", report_path: str | Path | None = "reports/promotion.json", *,
+            before_move: Callable[[], None] | None = None, version: str | None = None,
+            reason: str | None = None) -> dict:
+    """Register and gate the pipeline's model, or with `version` gate that registered version again (`reason`:
+    why, recorded; needed to bring back a rolled-back version). Returns the report (also written to
+    `report_path` unless None). `before_move` runs between the final alias check and the move (tests race)."""
     params: PromoteParams = load_promote(params_path)
     common = load_common(params_path)
-    registry = Registry(params.model_name)  # fails here, before anything is written, if the server is down
-    candidate = load_candidate(common.models_dir, common.metrics_dir)
-    local_model = load_model(common.models_dir)
-    version, created = register(registry, candidate, params_path, common.experiment)
-    try:
-        report = _gate(registry, params, candidate, local_model, version.version, params_path, before_move)
-    except BaseException:
-        if created:
-            log.error("the gate failed; deleting version %s registered by this run", version.version)
-            registry.delete_version(version.version)
-        raise
-    atomic_write_bytes(Path(report_path), json.dumps(report, indent=2, sort_keys=True).encode() + b"\n")
-    run_id = registry.log_run(
-        "promote", experiment=common.experiment,
-        tags={"model_version": version.version, "decision": report["decision"],
-              "candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash},
-        metrics={"passed": float(report["decision"] != "rejected"),
-                 **{f"check_{c['name']}": float(c["passed"]) for c in report["checks"]},
-                 **_numbers(report)},
-        artifacts=[Path(report_path)])
-    registry.set_tags(version.version, {"gate.run_id": run_id})
+    # Fails here, before anything is written, if the server is down.
+    registry = Registry(params.model_name, must_exist=version is not None)
+    with tempfile.TemporaryDirectory() as tmp:
+        if version is None:
+            candidate = load_candidate(common.models_dir, common.metrics_dir)
+            local_model = load_model(common.models_dir)
+            registered, created = register(registry, candidate, params_path, common.experiment)
+        else:
+            registered, created = registry.get(version), False
+            candidate = registered_candidate(registered, registry.download_checkpoints(version, Path(tmp)))
+            local_model = load_model(candidate.models_dir)
+        try:
+            report = _gate(registry, params, candidate, local_model, registered.version, params_path, before_move,
+                           explicit=version is not None, reason=reason)
+        except BaseException:
+            if created:
+                log.error("the gate failed; deleting version %s registered by this run", registered.version)
+                registry.delete_version(registered.version)
+            raise
+        document = json.dumps(report, indent=2, sort_keys=True).encode() + b"\n"
+        if report_path is not None:
+            atomic_write_bytes(Path(report_path), document)
+        logged = Path(tmp) / "promotion.json"
+        logged.write_bytes(document)
+        run_id = registry.log_run(
+            "promote", experiment=common.experiment,
+            tags={"model_name": params.model_name, "model_version": registered.version, "decision": report["decision"],
+                  "candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash,
+                  **({"requested_version": version} if version else {}), **({"reason": reason} if reason else {})},
+            metrics={"passed": float(report["decision"] != "rejected"),
+                     **{f"check_{c['name']}": float(c["passed"]) for c in report["checks"]},
+                     **_numbers(report)},
+            artifacts=[logged])
+    registry.set_tags(registered.version, {"gate.run_id": run_id})
     return report
 
 
+def _rollback_check(tags: dict[str, str], version: str, alias: str, explicit: bool, reason: str | None) -> gate.Check:
+    """A version rolled back out of the alias comes back only when asked for by number, with a reason."""
+    if tags.get("rolled_back") != "true":
+        return gate.Check("not_rolled_back", True, "never rolled back" if "rollback.at" not in tags else
+                          f"rolled back on {tags['rollback.at']}, re-promoted on {tags.get('promoted.at', '?')}", {})
+    why = f"version {version} was rolled back out of {alias} on {tags.get('rollback.at', '?')} " \
+          f"({tags.get('rollback.reason', 'no reason recorded')})"
+    values = {"rolled_back_at": tags.get("rollback.at"), "rollback_reason": tags.get("rollback.reason")}
+    if explicit and reason:
+        return gate.Check("not_rolled_back", True, f"{why}; promoted again deliberately: {reason}",
+                          {**values, "reason": reason})
+    if explicit:
+        return gate.Check("not_rolled_back", False, f"{why}; to bring it back, say what was fixed with --reason",
+                          values)
+    return gate.Check("not_rolled_back", False, f"{why}; once that is fixed, promote it deliberately with "
+                      f"`hndsr registry promote --version {version} --reason '...'`, or register a new candidate",
+                      values)
+
+
 def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local_model, version: str,
-          params_path, before_move) -> dict:
+          params_path, before_move, *, explicit: bool = False, reason: str | None = None) -> dict:
     registered = registry.load_pyfunc(version).unwrap_python_model().model
-    rolled_back = registry.get(version).tags.get("rolled_back") == "true"
-    checks = [gate.Check("not_rolled_back", not rolled_back,
-                         f"version {version} was rolled back out of {params.alias}; register a new candidate"
-                         if rolled_back else "never rolled back", {}),
+    checks = [_rollback_check(registry.get(version).tags, version, params.alias, explicit, reason),
               gate.beats_bicubic(candidate.scores, params),
               gate.consistent(candidate.scores, params),
               gate.registered_copy(local_model, registered, params, version),
@@ -286,7 +345,7 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
         "production_before": before, "production_after": after, "replaced": moved_from,
         "candidate": {"id": candidate.id, "dataset_hash": candidate.dataset_hash, "weights": candidate.weights,
                       "training_runs": candidate.run_ids},
-        "tracking_uri": redact(registry.uri),
+        "tracking_uri": redact(registry.uri), "requested": {"version": version, "reason": reason} if explicit else None,
         "thresholds": {k: v for k, v in params.__dict__.items() if k not in ("model_name", "alias")},
     }
     tags = {"gate.decision": "promoted" if decision != "rejected" else "rejected",
@@ -294,11 +353,21 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
             "gate.checks": json.dumps({c.name: c.passed for c in checks}, sort_keys=True),
             "gate.latency_ms": str(next(c for c in checks if c.name == "latency").values.get("median_ms")),
             "gate.compared_with": str(regression.values.get("production_version", "none"))}
+    if decision == "promoted":
+        tags["promoted.at"] = _now()
+        if reason:
+            tags["promoted.reason"] = reason[:4000]
+        if registry.get(version).tags.get("rolled_back") == "true":
+            tags["rolled_back"] = "false"  # brought back deliberately; rollback.* tags keep the history
     if moved_from is not None:
         tags["previous_production"] = moved_from
         registry.set_tags(moved_from, {"replaced_by": version})
     registry.set_tags(version, tags)
     return report
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _numbers(report: dict) -> dict[str, float]:
@@ -314,9 +383,14 @@ def _numbers(report: dict) -> dict[str, float]:
     return numbers
 
 
-def rollback(params_path: str | Path = "params.yaml") -> tuple[str, str]:
-    """Move the alias back to the version the current one replaced. Returns (from, to)."""
-    params = load_promote(params_path)
+def rollback(params_path: str | Path = "params.yaml", reason: str = "") -> tuple[str, str]:
+    """Move the alias back to the version the current one replaced, recording `reason` on the version taken out
+    (tags `rolled_back`, `rollback.reason`, `rollback.at`, `rollback.to`) and as a `rollback` MLflow run.
+    Returns (from, to)."""
+    if not reason.strip():
+        raise RegistryError("say why the version is rolled back (--reason): it is recorded, and it is what an "
+                            "operator reads before promoting that version again")
+    params, common = load_promote(params_path), load_common(params_path)
     registry = Registry(params.model_name, must_exist=True)
     current = registry.alias_version(params.alias)
     if current is None:
@@ -327,6 +401,11 @@ def rollback(params_path: str | Path = "params.yaml") -> tuple[str, str]:
                             "nothing to roll back to")
     registry.get(previous)  # still registered?
     registry.move_alias(params.alias, previous)
-    registry.set_tags(current, {"rolled_back": "true"})
+    registry.set_tags(current, {"rolled_back": "true", "rollback.reason": reason[:4000], "rollback.at": _now(),
+                                "rollback.to": previous})
+    registry.log_run("rollback", experiment=common.experiment,
+                     tags={"model_name": params.model_name, "model_version": current, "restored_version": previous,
+                           "reason": reason[:4000]},
+                     metrics={}, artifacts=[])
     log.info("%s: %s moved back from v%s to v%s", params.model_name, params.alias, current, previous)
     return current, previous

@@ -6,7 +6,7 @@ lifespan loads and warms the model, so a model that cannot be loaded stops start
     POST /v1/super-resolve    multipart: file=<image or raster>, scale=<real>, steps, seed, format, bands (optional)
     GET  /v1/model            the loaded version, alias, run id, dataset hash, metrics  (routers/inference.py)
     GET  /metrics             Prometheus metrics                                    (routers/metrics.py)
-    GET  /docs                OpenAPI docs (/openapi.json)
+    GET  /docs, /redoc        OpenAPI docs (/openapi.json), their scripts served from the package (fastapi-offline)
 
 Every client error is a 4xx JSON body {"error": <code>, "detail": <what to fix>} (serving/errors.py); the server
 keeps serving. Settings: serving/settings.py. State and dependencies: serving/state.py.
@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 
 from serving import acceleration, loader, runtime
 from serving.errors import error_response, install_handlers
@@ -61,9 +62,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 poller.cancel()
             state.engine.close()
 
-    app = FastAPI(title="HNDSR super-resolution", version="1", lifespan=lifespan,
-                  description="Continuous-scale satellite-image super-resolution (HNDSR: neural operator prior "
-                              "refined by DDIM diffusion).")
+    # The docs pages load Swagger UI / ReDoc from the installed package, not a CDN: they work on air-gapped hosts.
+    app: FastAPI = FastAPIOffline(title="HNDSR super-resolution", version="1", lifespan=lifespan,
+                                  static_url="/docs-assets",
+                                  description="Continuous-scale satellite-image super-resolution (HNDSR: neural "
+                                              "operator prior refined by DDIM diffusion).")
     app.state.hndsr = state
     install_handlers(app, on_client_error=lambda code: state.metrics.rejections.labels(reason=code).inc())
     for router in (health.router, inference.router, metrics.router):
@@ -71,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
-        start = time.perf_counter()
+        start = request.scope["hndsr.start"] = time.perf_counter()
         route = request.url.path if request.url.path in _ROUTES else "other"
         try:
             response = await call_next(request)
@@ -100,10 +103,12 @@ async def _poll(state: State) -> None:
             runtime.check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
             state.model = new  # requests admitted earlier keep the model they captured
             state.metrics.set_model(new.info)
+            state.metrics.reloads.labels(outcome="loaded").inc()
             log.info("now serving version %s", version)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the old model keeps serving
+            state.metrics.reloads.labels(outcome="failed").inc()
             log.error("hot reload failed, still serving version %s: %s",
                       state.model.info["version"] if state.model else "?", exc)
 

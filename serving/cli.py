@@ -1,7 +1,11 @@
 """`hndsr serve`: the HTTP server (settings from the environment: see serving/settings.py or the README).
 
-On SIGTERM or Ctrl-C the server stops accepting connections, /readyz answers 503 on connections still open,
-requests in flight finish (up to HNDSR_DRAIN_S seconds), then the process exits.
+Shutdown (SIGTERM or Ctrl-C) drains: the server keeps accepting connections, answers /readyz and new
+super-resolve requests 503 (with Retry-After) and lets the requests in flight finish. The drain ends when none
+is left, or after HNDSR_DRAIN_S seconds; requests still running then are answered 503 with Retry-After. Then the
+listener closes and the process exits (a second signal ends the drain at once).
+
+Connections: serving/protocol.py (client read timeouts, connection limit).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     from serving import runtime
     from serving.app import create_app
     from serving.loader import ModelLoadError
+    from serving.server import ANSWER_S, DrainingServer, protocol_class
 
     try:
         settings = load_settings()
@@ -50,16 +55,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"hndsr serve: error: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            if not app.state.hndsr.draining:
-                log.info("signal %s: draining (up to %g s for requests in flight)", sig, settings.drain_s)
-            app.state.hndsr.draining = True
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on",
-                            timeout_graceful_shutdown=int(settings.drain_s), access_log=False)
-    server = Server(config)
+    http = protocol_class(client_timeout_s=settings.client_timeout_s, max_connections=settings.max_connections,
+                          on_timeout=lambda phase: state.metrics.client_timeouts.labels(phase=phase).inc(),
+                          on_refused=lambda: state.metrics.rejections.labels(reason="too_many_connections").inc())
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on", http=http,
+                            timeout_graceful_shutdown=ANSWER_S, access_log=False)
+    server = DrainingServer(config, state)
     server.run()
     if not server.started:
         print("hndsr serve: error: the server did not start (see the log above)", file=sys.stderr)

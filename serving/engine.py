@@ -24,7 +24,10 @@ chosen and checked against float32 by serving/acceleration.py): bfloat16 autocas
 
 Admission: a request is accepted while the output pixels of everything queued or running stay within
 `max_queue_pixels`; otherwise `Overloaded` (the server answers 503 with Retry-After). Deadlines are checked
-before each batch and between DDIM steps; a batch whose requests have all expired is abandoned.
+before each batch and between DDIM steps; a batch whose requests have all expired, or were all cancelled
+(`job.future.cancel()`: the server gave up on them at the end of a shutdown drain), is abandoned.
+Timing: `Job.submitted`, `Job.started` (its first tile's pass began) and `Job.finished` give queue and
+inference time apart.
 On CUDA an out-of-memory error frees the cache and retries with half the batch, down to one tile, before the
 request fails with `Overloaded`.
 """
@@ -40,7 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +62,21 @@ class Overloaded(RuntimeError):
 
 class DeadlineExceeded(RuntimeError):
     """The request's deadline passed before its output was ready."""
+
+
+class Abandoned(RuntimeError):
+    """Every request of a pass was cancelled; the pass stops."""
+
+
+def _settle(future: Future, *, result=None, error: BaseException | None = None) -> None:
+    """Resolve `future` unless it is already done (another worker failed it, or the server cancelled it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -188,6 +206,9 @@ class Job:
     accumulator: np.ndarray | None = None
     weights: np.ndarray | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when its first tile's pass began
+    finished: float | None = None  # when its output was ready
 
     @property
     def pixels(self) -> int:
@@ -320,8 +341,10 @@ class Engine:
             if job.future.done():
                 continue
             if now > job.deadline:
-                job.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                _settle(job.future, error=DeadlineExceeded("the deadline passed while the request was queued"))
                 continue
+            if job.started is None:
+                job.started = now
             live.append((job, index))
         if live:
             self._run_batch(live)
@@ -330,11 +353,10 @@ class Engine:
         try:
             outputs = self._infer(batch)
         except Exception as exc:  # deadline, out of memory, or a broken model: fail these requests, keep serving
-            if not isinstance(exc, DeadlineExceeded | Overloaded):
+            if not isinstance(exc, DeadlineExceeded | Overloaded | Abandoned):
                 log.exception("inference failed")
             for job, _ in batch:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                _settle(job.future, error=exc)
             return
         if self._on_batch is not None:
             self._on_batch(len(batch))
@@ -361,6 +383,8 @@ class Engine:
         seeds = [_tile_seed(job.seed, job.tiles[index]) for job, index in batch]
 
         def check_deadline(done: int, total: int) -> None:
+            if all(job.future.done() for job in jobs):
+                raise Abandoned(f"every request of this pass was cancelled after {done} of {total} DDIM steps")
             if all(time.monotonic() > job.deadline for job in jobs):
                 raise DeadlineExceeded(f"the deadline passed after {done} of {total} DDIM steps")
 
@@ -396,7 +420,8 @@ class Engine:
             else:
                 result = job.accumulator / job.weights
             job.accumulator = job.weights = None
-            job.future.set_result(result)
+            job.finished = time.monotonic()
+            _settle(job.future, result=result)
 
     def _add(self, job: Job, index: int, output: np.ndarray) -> None:
         tile, scale = job.tiles[index], job.scale

@@ -4,13 +4,22 @@ cannot be decoded, and the handlers that turn FastAPI's own errors into the same
 
 from __future__ import annotations
 
+import logging
+import time
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from hndsr.images import ImageDecodeError, ImageTooLarge, UnsupportedFormat
 from hndsr.raster import BadGeoreference, BandMismatch, RasterError, UnsupportedDtype, UnsupportedOutput
+from serving.server import TIMED_OUT
+
+log = logging.getLogger("hndsr.serving")
+
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer" (metrics only)
 
 
 class ClientError(Exception):
@@ -56,6 +65,20 @@ def install_handlers(app: FastAPI, on_client_error) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """The client went away (or stalled and was cut off) while sending its request: a client event, one
+        line in the log, status 499 (408 when stalled) in the metrics; nothing is sent, there is no one to read
+        it."""
+        if request.scope.get(TIMED_OUT):  # serving/protocol.py logged it
+            return Response(status_code=408)
+        client = request.client
+        since = request.scope.get("hndsr.start")
+        log.info("%s closed the connection while sending %s %s%s; counted as %d",
+                 f"{client.host}:{client.port}" if client else "a client", request.method, request.url.path,
+                 f" ({time.perf_counter() - since:.1f} s in)" if since else "", CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,8 +1,18 @@
-"""Prometheus metrics of one server process (its own registry, so tests can run several apps)."""
+"""Prometheus metrics of one server process (its own registry, so tests can run several apps), with the
+process's own collectors (memory, CPU, open files: `process_*`; the Python runtime: `python_*`)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 
@@ -10,15 +20,28 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("hndsr_requests_total", "HTTP requests by route and status", ["route", "status"],
-                                registry=r)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=r)
+        self.requests = Counter("hndsr_requests_total", "HTTP requests by route and status (499: the client went "
+                                "away before the answer; 408: its upload stalled)", ["route", "status"], registry=r)
         self.latency = Histogram("hndsr_request_seconds", "HTTP request latency by route", ["route"], registry=r,
                                  buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        stages = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.queue_wait = Histogram("hndsr_queue_seconds", "time a super-resolve request waited in the engine's queue "
+                                    "before its first tile ran", registry=r, buckets=(0.001, 0.005, *stages))
+        self.inference = Histogram("hndsr_inference_seconds", "time from a request's first tile starting to its "
+                                   "output being ready (the model's work, without queueing, decoding or encoding)",
+                                   registry=r, buckets=stages)
         self.queue_tiles = Gauge("hndsr_queue_tiles", "tiles waiting for or in inference", registry=r)
         self.queue_pixels = Gauge("hndsr_queue_output_pixels", "output pixels admitted and not yet done", registry=r)
         self.images = Counter("hndsr_images_total", "images super-resolved", registry=r)
         self.pixels = Counter("hndsr_output_pixels_total", "output pixels produced", registry=r)
         self.rejections = Counter("hndsr_rejections_total", "requests refused, by reason", ["reason"], registry=r)
+        self.client_timeouts = Counter("hndsr_client_timeouts_total", "connections closed because the client "
+                                       "stalled (headers not complete in time, or a pause in the body upload)",
+                                       ["phase"], registry=r)
+        self.reloads = Counter("hndsr_model_reloads_total", "hot reloads of the model by outcome (loaded, failed)",
+                               ["outcome"], registry=r)
         self.batch_size = Histogram("hndsr_batch_tiles", "tiles per forward pass", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32))
         self.model = Gauge("hndsr_model_info", "the model being served (value 1), with the arithmetic it runs in",

@@ -22,7 +22,9 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_PNG_COMPRESS_LEVEL` | 1 | zlib level of the PNG answers, 0..9 (same pixels; 1 is 5x faster than 6 for about 15 % more bytes) |
 | `HNDSR_DEADLINE_S` | 120 | per-request deadline (504 when passed) |
 | `HNDSR_POLL_S` | 30 | how often the alias is checked for a new version (0: never) |
-| `HNDSR_DRAIN_S` | 30 | on SIGTERM, how long requests in flight may take to finish |
+| `HNDSR_DRAIN_S` | 30 | on SIGTERM, how long requests in flight may take to finish (then they are answered 503) |
+| `HNDSR_CLIENT_TIMEOUT_S` | 30 | a request's headers must arrive within this; a body upload may pause at most this long |
+| `HNDSR_MAX_CONNECTIONS` | 256 | open connections beyond this get 503 (health probes excepted) |
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Settings(BaseSettings):
     deadline_s: float = Field(120.0, gt=0)
     poll_s: float = Field(30.0, ge=0)
     drain_s: float = Field(30.0, gt=0)
+    client_timeout_s: float = Field(30.0, gt=0)
+    max_connections: Positive = 256
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

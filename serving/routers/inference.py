@@ -61,11 +61,21 @@ async def model_info(state: StateDep) -> JSONResponse:
                  415: {"description": "not multipart or not an image"}, 422: {"description": "bad parameter"},
                  503: {"description": "busy; retry after Retry-After"}, 504: {"description": "deadline passed"}})
 async def super_resolve(request: Request, state: StateDep) -> Response:
+    if state.draining:
+        raise ClientError(503, "shutting_down", "the server is shutting down; send the request again (a load "
+                          "balancer sends it to another replica)", {"Retry-After": "1"})
+    if state.engine is None or state.model is None:
+        raise ClientError(503, "not_ready", "the model is not loaded yet; retry shortly", {"Retry-After": "5"})
+    state.in_flight += 1  # the shutdown drain waits for these (and answers 503 to those left when it runs out)
+    try:
+        return await _super_resolve(request, state)
+    finally:
+        state.in_flight -= 1
+
+
+async def _super_resolve(request: Request, state: StateDep) -> Response:
     settings = state.settings
-    if state.draining or state.engine is None or state.model is None:
-        raise ClientError(503, "not_ready", "the server is shutting down or not ready; retry elsewhere",
-                          {"Retry-After": "5"})
-    upload = await read_upload(request, settings.max_upload_bytes)
+    upload = await state.until_drained(read_upload(request, settings.max_upload_bytes))
     model = state.model  # captured now: a hot swap never changes the model of a request in flight
     scale, seed = upload.scale, upload.seed
     low, high = model.model.min_scale, model.model.max_scale
@@ -86,18 +96,20 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
     if out_h * out_w > settings.max_output_pixels:
         raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
                           f"pixels, above the limit of {settings.max_output_pixels}; use a smaller image or scale")
-    start = time.perf_counter()
     try:
         job = state.engine.submit(model, decoded.lr, scale, steps, seed, settings.deadline_s)
     except Overloaded as exc:
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
     try:
-        output = await asyncio.wrap_future(job.future)
+        output = await state.until_drained(asyncio.wrap_future(job.future))
     except DeadlineExceeded as exc:
         raise ClientError(504, "deadline_exceeded", f"{exc} ({settings.deadline_s:g} s)") from None
     except Overloaded as exc:
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "5"}) from None
-    elapsed = time.perf_counter() - start
+    queued = (job.started or job.submitted) - job.submitted
+    inference = (job.finished or time.monotonic()) - (job.started or job.submitted)
+    state.metrics.queue_wait.observe(queued)
+    state.metrics.inference.observe(inference)
     version = str(model.info["version"])
     body = await asyncio.to_thread(
         imagefile.encode, output, decoded, spec, scale, fmt, png_compress_level=settings.png_compress_level,
@@ -107,5 +119,5 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
     state.metrics.pixels.inc(out_h * out_w)
     return Response(body, media_type=rasters.FORMATS[fmt], headers={
         "X-Model-Version": version, "X-Model-Alias": str(model.info.get("alias") or ""),
-        "X-Inference-Time-Ms": f"{elapsed * 1000:.1f}", "X-Output-Size": f"{out_w}x{out_h}",
+        "X-Queue-Time-Ms": f"{queued * 1000:.1f}", "X-Inference-Time-Ms": f"{inference * 1000:.1f}", "X-Output-Size": f"{out_w}x{out_h}",
         "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed)})

@@ -89,15 +89,52 @@ def test_better_promoted_worse_rejected_then_rollback(make_project, mlflow_serve
     assert second.returncode == 0, second.stdout + second.stderr
     assert "production -> v3 (was v1)" in second.stdout
     assert version_tags(status(good2, uri), "3")["previous_production"] == "1"
-    back = registry_cli(good2, uri, "rollback")
+    assert registry_cli(good2, uri, "rollback").returncode == 2  # a rollback must say why
+    back = registry_cli(good2, uri, "rollback", "--reason", "seams along coastlines in client reports")
     assert back.returncode == 0 and f"{name} production now points to v1 (was v3)" in back.stdout
-    assert status(good2, uri)["aliases"] == {"production": "1"}
-    nothing = registry_cli(good2, uri, "rollback")
+    assert "hndsr registry promote --version 3 --reason" in back.stdout
+    document = status(good2, uri)
+    assert document["aliases"] == {"production": "1"}
+    tags = version_tags(document, "3")
+    assert tags["rolled_back"] == "true" and tags["rollback.to"] == "1"
+    assert tags["rollback.reason"] == "seams along coastlines in client reports" and tags["rollback.at"]
+    nothing = registry_cli(good2, uri, "rollback", "--reason", "again")
     assert nothing.returncode == 1 and "nothing to roll back to" in nothing.stderr
-    # The rolled-back version is not promoted again by re-running the gate on the same weights.
+    # The pipeline's promotion of the same weights does not bring it back, and says how to.
     again = registry_cli(good2, uri, "promote")
     assert again.returncode == 3 and "not_rolled_back" in again.stdout
-    assert status(good2, uri)["aliases"] == {"production": "1"}
+    assert "seams along coastlines" in again.stdout and "promote --version 3 --reason" in again.stdout
+    document = status(good2, uri)
+    assert document["aliases"] == {"production": "1"}
+    states = {v["version"]: v["state"] for v in document["versions"]}
+    assert states == {"3": "rolled back", "2": "rejected", "1": "production"}  # not "rejected": the truth
+    # After the fix: by number, with a reason; the full gate runs, the reason and time are recorded.
+    pipeline_report = (good2 / "reports" / "promotion.json").read_bytes()
+    unexplained = registry_cli(good2, uri, "promote", "--version", "3")
+    assert unexplained.returncode == 3 and "say what was fixed with --reason" in unexplained.stdout
+    back_again = registry_cli(good2, uri, "promote", "--version", "3", "--reason", "blend window fixed in v1.2")
+    assert back_again.returncode == 0, back_again.stdout + back_again.stderr
+    assert "production -> v3 (was v1); reason recorded: blend window fixed in v1.2" in back_again.stdout
+    assert "| registered_copy | pass |" in back_again.stdout and "| no_regression | pass |" in back_again.stdout
+    assert (good2 / "reports" / "promotion.json").read_bytes() == pipeline_report  # the pipeline's stays its own
+    document = status(good2, uri)
+    tags = version_tags(document, "3")
+    assert document["aliases"] == {"production": "3"} and tags["rolled_back"] == "false"
+    assert tags["promoted.reason"] == "blend window fixed in v1.2" and tags["promoted.at"]
+    assert tags["rollback.reason"] == "seams along coastlines in client reports"  # history kept
+    assert {v["version"]: v["state"] for v in document["versions"]} == {
+        "3": "production", "2": "rejected", "1": "replaced by v3"}
+    text = registry_cli(good2, uri, "status").stdout
+    assert "v3 rolled back on" in text and "v3 promoted on" in text and "blend window fixed" in text
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("hndsr").experiment_id
+    mine = f"tags.model_name = '{name}' and tags.model_version = '3'"
+    audit = client.search_runs([experiment], f"tags.stage = 'rollback' and {mine}")
+    assert [r.data.tags["reason"] for r in audit] == ["seams along coastlines in client reports"]
+    promoted = client.search_runs([experiment], f"tags.stage = 'promote' and tags.requested_version = '3' and {mine}")
+    assert sorted(r.data.tags["decision"] for r in promoted) == ["promoted", "rejected"]
 
 
 def _decode(b64: str) -> np.ndarray:
@@ -234,8 +271,8 @@ def test_other_dataset_is_re_evaluated_or_refused(make_project, mlflow_server, m
 def test_errors_are_one_line_and_write_nothing(make_project, mlflow_server):
     down = f"http://127.0.0.1:{free_port()}"
     project = make_project("good")
-    for action in ("promote", "register", "status", "rollback"):
-        result = registry_cli(project, down, action)
+    for action, *extra in (("promote",), ("register",), ("status",), ("rollback", "--reason", "test")):
+        result = registry_cli(project, down, action, *extra)
         assert result.returncode == 1, (action, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "cannot reach the MLflow tracking server" in lines[0], result.stderr
@@ -243,7 +280,7 @@ def test_errors_are_one_line_and_write_nothing(make_project, mlflow_server):
 
     missing = registry_cli(project, mlflow_server.uri, "status")
     assert missing.returncode == 1 and "no registered model" in missing.stderr
-    assert registry_cli(project, mlflow_server.uri, "rollback").returncode == 1
+    assert registry_cli(project, mlflow_server.uri, "rollback", "--reason", "test").returncode == 1
 
     (project / "metrics" / "eval.json").unlink()
     no_metrics = registry_cli(project, mlflow_server.uri, "promote")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -128,6 +129,7 @@ def test_round_trip_follows_the_size_rule(server, scale, height, width):
     s = float(scale)
     assert out.shape == (hr_size(height, s), hr_size(width, s), 3)
     assert response.headers["x-model-version"] == "local" and float(response.headers["x-inference-time-ms"]) > 0
+    assert float(response.headers["x-queue-time-ms"]) >= 0
     assert response.headers["x-steps"] == "1"
 
 
@@ -200,11 +202,18 @@ def test_model_health_metrics_and_docs(server):
     assert info["version"] == "local" and info["default_steps"] == 2 and info["scale_range"] == [2.0, 4.0]
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("hndsr_requests_total", "hndsr_request_seconds_bucket", "hndsr_queue_tiles", "hndsr_images_total",
-                 "hndsr_output_pixels_total",
+                 "hndsr_output_pixels_total", "hndsr_queue_seconds_count", "hndsr_inference_seconds_count",
+                 "process_resident_memory_bytes", "process_cpu_seconds_total", "python_gc_objects_collected_total",
                  'hndsr_model_info{alias="",compiled="false",precision="bfloat16",source='):
         assert name in metrics
     assert info["engine"]["pass_megapixels"] == 0.02 and info["engine"]["max_batch"] == 1  # CPU default
-    assert httpx.get(f"{server.url}/docs").status_code == 200
+    for page in ("/docs", "/redoc"):  # their scripts come from the server itself: they work air-gapped
+        html = httpx.get(f"{server.url}{page}").text
+        assert "http://" not in html and "https://" not in html and "//cdn" not in html
+        assets = re.findall(r'(?:src|href)="(/[^"]+)"', html)
+        assert any(a.endswith(".js") for a in assets)
+        for asset in assets:
+            assert httpx.get(f"{server.url}{asset}").status_code == 200, asset
     assert "/v1/super-resolve" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
 
 
@@ -443,6 +452,9 @@ def test_hot_reload_follows_the_alias(tmp_path, realsat):
             assert httpx.get(f"{s.url}/v1/model").json()["version"] == "2"
             assert post(s.url, image, scale="2", steps="1").status_code == 200
             assert "hot reload failed" in s.log.read_text()
+            reloads = httpx.get(f"{s.url}/metrics").text
+            assert 'hndsr_model_reloads_total{outcome="loaded"} 1.0' in reloads
+            assert re.search(r'hndsr_model_reloads_total\{outcome="failed"\} [1-9]', reloads)
         finally:
             s.stop()
     finally:
