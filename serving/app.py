@@ -27,7 +27,7 @@ from serving import acceleration, loader, runtime
 from serving.errors import error_response, install_handlers
 from serving.routers import health, inference, metrics
 from serving.settings import Settings, load_settings
-from serving.state import State
+from serving.state import State, request_client
 
 log = logging.getLogger("hndsr.serving")
 
@@ -82,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.exception("unhandled error on %s", request.url.path)
             response = error_response(500, "internal_error", "the server failed on this request; it was logged")
         state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        client = request_client(request)
+        if client is not None:
+            state.metrics.client_requests.labels(client=client.name, status=str(response.status_code)).inc()
         state.metrics.latency.labels(route=route).observe(time.perf_counter() - start)
         return response
 

@@ -44,10 +44,10 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings()
+        app = create_app(settings)  # reads the clients file, if any
     except SettingsError as exc:
         print(f"hndsr serve: error: {exc}", file=sys.stderr)
         return EXIT_SETTINGS
-    app = create_app(settings)
     state = app.state.hndsr
     try:  # before uvicorn, so a model that cannot start is one line and an exit status, not a lifespan traceback
         state.preloaded = runtime.start(settings, on_batch=state.metrics.batch_size.observe)

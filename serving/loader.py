@@ -115,7 +115,8 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
             checkpoints = registry.download_checkpoints(version, Path(tmp))
             model = _load_checkpoints(checkpoints, device)
     except (RegistryError, MlflowException, OSError) as exc:  # unreachable, missing, or a failed download
-        raise ModelLoadError(f"{name}: {exc}") from None
+        message = str(exc)
+        raise ModelLoadError(message if message.startswith(f"{name} ") else f"{name}: {message}") from None
     tags = registered.tags
     info = {"name": name, "version": version, "alias": alias, "source": f"models:/{name}/{version}",
             "run_id": registered.run_id, "dataset_hash": tags.get("dataset_hash"),

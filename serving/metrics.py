@@ -40,6 +40,10 @@ class Metrics:
         self.client_timeouts = Counter("hndsr_client_timeouts_total", "connections closed because the client "
                                        "stalled (headers not complete in time, or a pause in the body upload)",
                                        ["phase"], registry=r)
+        self.client_requests = Counter("hndsr_client_requests_total", "super-resolve and model requests by named "
+                                       "client (HNDSR_API_KEYS_FILE) and status", ["client", "status"], registry=r)
+        self.client_pixels = Counter("hndsr_client_output_pixels_total", "output pixels produced per named client",
+                                     ["client"], registry=r)
         self.reloads = Counter("hndsr_model_reloads_total", "hot reloads of the model by outcome (loaded, failed)",
                                ["outcome"], registry=r)
         self.batch_size = Histogram("hndsr_batch_tiles", "tiles per forward pass", registry=r,

@@ -6,7 +6,8 @@ by pydantic-settings. An empty variable counts as unset.
 | `MODEL_URI` | `models:/hndsr@production` | a registry alias or version, or a local folder (an exported model) |
 | `MLFLOW_TRACKING_URI` | `sqlite:///mlflow.db` | where `models:/` URIs are resolved (read by the registry) |
 | `HNDSR_DEVICE` | `auto` | `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ... |
-| `HNDSR_API_KEY` | unset | when set, `/v1/*` needs `Authorization: Bearer <key>` |
+| `HNDSR_API_KEY` | unset | when set, `/v1/*` needs `Authorization: Bearer <key>` (one key for every client) |
+| `HNDSR_API_KEYS_FILE` | unset | a YAML file of named clients, each with its key's SHA-256 and quotas (serving/clients.py); then `/v1/*` needs one of those keys |
 | `HNDSR_MAX_UPLOAD_BYTES` | 20000000 | request body limit, enforced while reading |
 | `HNDSR_MAX_INPUT_PIXELS` | 4000000 | input image limit (checked from the header) |
 | `HNDSR_MAX_OUTPUT_PIXELS` | 16000000 | output image limit (input pixels x scale^2) |
@@ -48,6 +49,7 @@ class Settings(BaseSettings):
     model_uri: str = Field("models:/hndsr@production", validation_alias="MODEL_URI")
     device: str = "auto"
     api_key: str | None = None
+    api_keys_file: str | None = None
     max_upload_bytes: Positive = 20_000_000
     max_input_pixels: Positive = 4_000_000
     max_output_pixels: Positive = 16_000_000
@@ -71,6 +73,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_queue_pixels < self.max_output_pixels:
             raise ValueError("HNDSR_MAX_QUEUE_PIXELS must be at least HNDSR_MAX_OUTPUT_PIXELS")
+        if self.api_key and self.api_keys_file:
+            raise ValueError("set HNDSR_API_KEY (one shared key) or HNDSR_API_KEYS_FILE (named clients), not both")
         return self
 
 

@@ -10,10 +10,11 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+from serving.clients import Client, ClientsError, Quotas, load_clients
 from serving.engine import Engine, LoadedModel
 from serving.errors import ClientError
 from serving.metrics import Metrics
-from serving.settings import Settings
+from serving.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
@@ -24,6 +25,10 @@ class State:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        try:  # named clients with quotas, or None (one shared key, or none)
+            self.quotas = Quotas(load_clients(settings.api_keys_file)) if settings.api_keys_file else None
+        except ClientsError as exc:
+            raise SettingsError(f"HNDSR_API_KEYS_FILE={settings.api_keys_file!r}: {exc}") from None
         self.model: LoadedModel | None = None
         self.engine: Engine | None = None
         self.ready = False
@@ -69,11 +74,28 @@ def get_settings(state: StateDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """With HNDSR_API_KEY set, the request must send `Authorization: Bearer <key>` (401 otherwise)."""
-    if not settings.api_key:
+CLIENT = "hndsr.client"  # the ASGI scope key of the named client a request came from (serving/clients.py)
+
+
+def require_api_key(request: Request, state: StateDep, settings: SettingsDep) -> None:
+    """With HNDSR_API_KEYS_FILE, the request must send one of the clients' keys as `Authorization: Bearer <key>`
+    (the client is put in the scope for quotas and metrics); with HNDSR_API_KEY, that key; else nothing. 401
+    otherwise."""
+    if state.quotas is None and not settings.api_key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-        raise ClientError(401, "unauthorized", "send the API key as `Authorization: Bearer <key>`",
-                          {"WWW-Authenticate": "Bearer"})
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if state.quotas is not None:
+        client = state.quotas.identify(token) if token else None
+        if client is not None:
+            request.scope[CLIENT] = client
+            return
+    elif token and hmac.compare_digest(token.encode(), settings.api_key.encode()):
+        return
+    raise ClientError(401, "unauthorized", "send your API key as `Authorization: Bearer <key>`"
+                      + (" (this key is not known)" if token else ""), {"WWW-Authenticate": "Bearer"})
+
+
+def request_client(request: Request) -> Client | None:
+    """The named client of this request (after require_api_key), or None."""
+    return request.scope.get(CLIENT)

@@ -14,7 +14,7 @@ from hndsr.images import ImageDecodeError
 from serving import rasters
 from serving.engine import DeadlineExceeded, Overloaded
 from serving.errors import ClientError, image_error
-from serving.state import StateDep, require_api_key
+from serving.state import StateDep, request_client, require_api_key
 from serving.upload import read_upload
 
 router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)],
@@ -66,6 +66,9 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
                           "balancer sends it to another replica)", {"Retry-After": "1"})
     if state.engine is None or state.model is None:
         raise ClientError(503, "not_ready", "the model is not loaded yet; retry shortly", {"Retry-After": "5"})
+    client = request_client(request)
+    if client is not None:
+        state.quotas.take(client, "requests", 1)  # before the upload is read: an over-quota client costs little
     state.in_flight += 1  # the shutdown drain waits for these (and answers 503 to those left when it runs out)
     try:
         return await _super_resolve(request, state)
@@ -96,6 +99,9 @@ async def _super_resolve(request: Request, state: StateDep) -> Response:
     if out_h * out_w > settings.max_output_pixels:
         raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
                           f"pixels, above the limit of {settings.max_output_pixels}; use a smaller image or scale")
+    client = request_client(request)
+    if client is not None:
+        state.quotas.take(client, "megapixels", out_h * out_w)
     try:
         job = state.engine.submit(model, decoded.lr, scale, steps, seed, settings.deadline_s)
     except Overloaded as exc:
@@ -117,7 +123,10 @@ async def _super_resolve(request: Request, state: StateDep) -> Response:
               "HNDSR_SEED": str(seed)})
     state.metrics.images.inc()
     state.metrics.pixels.inc(out_h * out_w)
+    if client is not None:
+        state.metrics.client_pixels.labels(client=client.name).inc(out_h * out_w)
     return Response(body, media_type=rasters.FORMATS[fmt], headers={
         "X-Model-Version": version, "X-Model-Alias": str(model.info.get("alias") or ""),
         "X-Queue-Time-Ms": f"{queued * 1000:.1f}", "X-Inference-Time-Ms": f"{inference * 1000:.1f}", "X-Output-Size": f"{out_w}x{out_h}",
-        "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed)})
+        "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed),
+        **(state.quotas.headers(client) if client is not None else {})})

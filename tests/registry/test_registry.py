@@ -438,3 +438,4 @@ def test_a_moved_project_says_its_artifacts_were_moved(make_project, tmp_path):
     assert server.process.wait(timeout=120) == 4
     log = server.log.read_text()
     assert f"its artifacts are recorded at {project}/mlruns/" in log and "was moved or copied" in log, log[-2000:]
+    assert f"cannot start: {name} version 1: its artifacts" in log  # the model's name once
