@@ -11,6 +11,15 @@ p95 / p99 latency and the share of answers that were not 200, then a table of th
 (hndsr serve / mlflow models serve). Requests per level: --requests at 128 px, scaled by the pixel count for
 other sizes, at least 8 and at least the concurrency; where there are at least twice as many as the concurrency,
 each server gets two alternating rounds of half of them, so a drift in the machine's speed favours neither. Needs a registered model (`make repro`).
+
+    python benchmarks/serve_load.py --rollout [--sizes 128 256] [--concurrency 1 8]
+
+With --rollout, instead: `hndsr serve` alone, three times: without a roll-out, with a 10 % canary and with 10 %
+shadow runs (HNDSR_CANARY_WEIGHT / HNDSR_SHADOW_SHARE = 0.1), side by side with throughput and p95 and their
+ratio to the run without. The candidate is a second registered version of the production weights, registered in
+a temporary copy of the MLflow database (your registry is not touched), so the numbers measure the roll-out
+machinery (routing, the outcome window, shadow runs), not a different model. Requests come from 50 named clients
+(a temporary clients file), so the canary's sticky split sends about a tenth of them to the candidate.
 """
 
 from __future__ import annotations
@@ -116,7 +125,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512], help="LR edges in pixels")
     parser.add_argument("--scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's default)")
+    parser.add_argument("--rollout", action="store_true", help="compare no roll-out, a 10 %% canary and 10 %% shadow")
     args = parser.parse_args()
+    if args.rollout:
+        rollout(args)
+        return
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
@@ -182,6 +195,96 @@ def main() -> None:
             if process is not None:
                 process.terminate()
                 process.wait(timeout=60)
+
+
+def rollout(args) -> None:
+    """hndsr serve without a roll-out, with a 10 % canary and with 10 % shadow, side by side."""
+    import random
+    import shutil
+
+    import yaml
+
+    from registry.promote import PYFUNC_FILE
+    from registry.store import Registry
+    from serving.clients import key_hash
+
+    source = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
+    if not source.startswith("sqlite:///"):
+        sys.exit("--rollout copies a local SQLite registry (MLFLOW_TRACKING_URI=sqlite:///...)")
+    work = Path(tempfile.mkdtemp(prefix="serve-rollout-"))
+    shutil.copy(source[len("sqlite:///"):], work / "mlflow.db")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    name = args.model_uri.removeprefix("models:/").split("@")[0]
+    os.chdir(work)  # before MLflow's store is made: the copy's new artifacts go under work/mlruns
+    registry = Registry(name, uri)
+    production = registry.alias_version("production")
+    checkpoints = registry.download_checkpoints(production, work / "download" / "checkpoints")
+    candidate = registry.register(checkpoints, python_model=PYFUNC_FILE, experiment="serve-load-rollout",
+                                  tags={}, run_tags={}, signature=None, input_example=None,
+                                  pip_requirements=["torch"]).version
+    registry.move_alias("candidate", candidate)
+    keys = {f"client-{i:02d}": f"benchmark-key-{i:02d}-{'x' * 20}" for i in range(50)}
+    (work / "clients.yaml").write_text(yaml.safe_dump({"clients": {n: {"key_sha256": key_hash(k)}
+                                                                    for n, k in keys.items()}}))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri,
+           "MODEL_URI": args.model_uri, "HNDSR_POLL_S": "0", "HNDSR_API_KEYS_FILE": str(work / "clients.yaml")}
+    modes = {"no roll-out": {}, "canary 10 %": {"HNDSR_CANARY_WEIGHT": "0.1"},
+             "shadow 10 %": {"HNDSR_SHADOW_SHARE": "0.1"}}
+    results: dict[tuple[str, int, int], dict] = {}
+    print(f"model {args.model_uri} v{production}, candidate v{candidate} (the same weights, registered again in a "
+          f"copy of the database); x{args.scale:g}; {os.cpu_count()} cores; 50 clients; logs and the copy: {work}")
+    print(f"{'size':>5} {'mode':<12} {'concurrency':>11} {'requests':>8} {'req/s':>7} {'p95 s':>7} {'not 200':>8} "
+          f"{'on candidate':>12}")
+    for mode, extra in modes.items():
+        port = _free_port()
+        process = _start([str(BIN / "hndsr"), "serve", "--port", str(port)], f"http://127.0.0.1:{port}/readyz",
+                         {**env, **extra}, work / f"{mode.split()[0]}.log")
+        try:
+            if extra:  # the candidate loads in the background after start-up
+                deadline = time.monotonic() + 300
+                while len(httpx.get(f"http://127.0.0.1:{port}/rollout").json()["versions"]) < 2:
+                    if time.monotonic() > deadline:
+                        sys.exit(f"the candidate did not load: {(work / f'{mode.split()[0]}.log').read_text()[-2000:]}")
+                    time.sleep(0.5)
+            steps = httpx.get(f"http://127.0.0.1:{port}/v1/model", headers={
+                "Authorization": f"Bearer {keys['client-00']}"}).json()["default_steps"] if args.steps is None \
+                else args.steps
+            for size in args.sizes:
+                image = _image(size)
+                picks = random.Random(0)
+                versions: list[str] = []
+
+                def send(client: httpx.Client, image=image, picks=picks, versions=versions, port=port,
+                         steps=steps) -> int:
+                    key = keys[f"client-{picks.randrange(50):02d}"]
+                    answer = client.post(f"http://127.0.0.1:{port}/v1/super-resolve",
+                                         files={"file": ("in.png", image, "image/png")},
+                                         data={"scale": str(args.scale), "steps": str(steps), "seed": "0"},
+                                         headers={"Authorization": f"Bearer {key}"})
+                    versions.append(answer.headers.get("x-model-version", ""))
+                    return answer.status_code
+
+                for concurrency in args.concurrency:
+                    requests = requests_for(size, args.requests, concurrency)
+                    with httpx.Client(timeout=600) as client:
+                        send(client)  # warm
+                    versions.clear()
+                    r = _summary([_load(send, requests, concurrency)])
+                    share = sum(v == str(candidate) for v in versions) / max(1, len(versions))
+                    results[mode, size, concurrency] = r
+                    print(f"{size:>5} {mode:<12} {concurrency:>11} {requests:>8} {r['throughput']:>7.2f} "
+                          f"{r['p95']:>7.2f} {r['not_ok']:>8.0%} {share:>12.0%}", flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    print("\nagainst no roll-out: throughput ratio / p95 ratio")
+    print(f"{'size':>5} {'concurrency':>11} " + " ".join(f"{m:>22}" for m in list(modes)[1:]))
+    for size in args.sizes:
+        for concurrency in args.concurrency:
+            base = results["no roll-out", size, concurrency]
+            cells = [f"{results[m, size, concurrency]['throughput'] / base['throughput']:>10.2f} / "
+                     f"{results[m, size, concurrency]['p95'] / base['p95']:<9.2f}" for m in list(modes)[1:]]
+            print(f"{size:>5} {concurrency:>11} " + " ".join(f"{c:>22}" for c in cells))
 
 
 if __name__ == "__main__":

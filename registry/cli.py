@@ -5,6 +5,8 @@
     hndsr registry register
     hndsr registry status   [--json]
     hndsr registry rollback --reason TEXT
+    hndsr registry promote  --to candidate [--version N]  gate, then start a gradual roll-out
+    hndsr registry rollout  status [--server URL] | promote [--reason TEXT] | abort --reason TEXT
 
 A version that was rolled back is never brought back by the pipeline's promotion of the same weights; after
 fixing what made you roll it back, `promote --version N --reason "what was fixed"` runs the full gate on it
@@ -46,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     promote.add_argument("--version", metavar="N",
                          help="gate registered version N again instead of the pipeline's model (its checkpoints "
                               "and test metrics come from the registry)")
+    promote.add_argument("--to", metavar="ALIAS",
+                         help="the alias a pass moves (default: the params' production alias); `--to candidate` "
+                              "starts a gradual roll-out that servers with HNDSR_CANARY_WEIGHT route a share to")
     promote.add_argument("--reason", metavar="TEXT",
                          help="why (recorded on the version); required to bring back a version that was rolled back")
     promote.add_argument("--summary", metavar="PATH",
@@ -61,6 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   help="move the alias back to the version the current one replaced")
     rollback.add_argument("--reason", required=True, metavar="TEXT",
                           help="why (recorded on the version taken out; shown by `status` and by the gate)")
+    rollout = actions.add_parser("rollout", parents=[common], help="a gradual roll-out (candidate alias): status, "
+                                 "promote (finish it), abort")
+    rollout.add_argument("step", choices=("status", "promote", "abort"),
+                         help="status: both versions, with --server the live numbers; promote: gate the candidate "
+                              "against production, move production to it, remove the candidate alias; abort: "
+                              "remove the candidate alias")
+    rollout.add_argument("--alias", default="candidate", help="the roll-out's alias (default: %(default)s)")
+    rollout.add_argument("--server", metavar="URL", help="status: a running `hndsr serve` to read live numbers from")
+    rollout.add_argument("--reason", metavar="TEXT", help="why (recorded; required by abort)")
+    rollout.add_argument("--json", action="store_true", help="status: machine-readable")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,6 +85,8 @@ def main(args: argparse.Namespace) -> int:
         return _register(args)
     if args.action == "status":
         return _status(args)
+    if args.action == "rollout":
+        return _rollout(args)
     return _rollback(args)
 
 
@@ -81,7 +98,7 @@ def _promote(args) -> int:
               "its own evidence)", file=sys.stderr)
         return 2
     report_path = args.report or (None if args.version else "reports/promotion.json")
-    report = promote(args.params, report_path, version=args.version, reason=args.reason)
+    report = promote(args.params, report_path, version=args.version, reason=args.reason, to=args.to)
     table = format_table(report)
     print(table)
     if args.summary:
@@ -96,8 +113,57 @@ def _promote(args) -> int:
         print(f"promote: v{version} passed the gate and already holds {alias}")
     else:
         now = f"v{report['production_after']}" if report["production_after"] else "no version"
-        print(f"promote: v{version} REJECTED ({'; '.join(report['reasons'])}); {alias} stays on {now}")
+        moved = "" if alias == report["production_alias"] else f"{alias} not moved; "
+        print(f"promote: v{version} REJECTED ({'; '.join(report['reasons'])}); {moved}"
+              f"{report['production_alias']} stays on {now}")
         return 0 if args.allow_reject else REJECTED
+    return 0
+
+
+def _rollout(args) -> int:
+    from registry.promote import rollout_abort, rollout_promote, rollout_status
+
+    if args.step == "abort":
+        if not args.reason:
+            print("hndsr registry rollout abort: error: say why with --reason (it is recorded)", file=sys.stderr)
+            return 2
+        version = rollout_abort(args.params, args.alias, args.reason)
+        print(f"rollout: aborted; {args.alias} (v{version}) removed, production unchanged. Servers stop routing "
+              "to it at their next poll")
+        return 0
+    if args.step == "promote":
+        report = rollout_promote(args.params, args.alias, args.reason)
+        print(format_table(report))
+        if report["decision"] == "rejected":
+            print(f"rollout: v{report['version']} REJECTED ({'; '.join(report['reasons'])}); production stays on "
+                  f"v{report['production_after']}, {args.alias} kept")
+            return REJECTED
+        print(f"rollout: finished; production -> v{report['version']}"
+              + (f" (was v{report['replaced']})" if report["replaced"] else "") + f"; {args.alias} removed")
+        return 0
+    document = rollout_status(args.params, args.alias, args.server)
+    if args.json:
+        json.dump(document, sys.stdout, indent=2, sort_keys=True)
+        print()
+        return 0
+    live = (document.get("live") or {}).get("versions", {})
+    for role, entry in document["versions"].items():
+        if entry["version"] is None:
+            print(f"{role:<10} {entry['alias']}: none")
+            continue
+        line = f"{role:<10} {entry['alias']}: v{entry['version']} (gate: {entry['gate']})"
+        now = live.get(entry["version"])
+        if now:
+            line += (f"; live over {document['live']['window_s']:g} s: {now['requests']} requests, "
+                     f"{now['server_errors']} server errors ({now['error_ratio']:.1%}), p95 "
+                     + (f"{now['p95_s_per_megapixel']:.3f} s per output megapixel" if now["p95_s_per_megapixel"]
+                        is not None else "-"))
+        if entry["backed_out"]:
+            line += f"; BACKED OUT on {entry['backed_out'].get('at')}: {entry['backed_out'].get('reason')}"
+        print(line)
+    if document.get("live"):
+        print(f"server: canary weight {document['live']['weight']:g}"
+              + (f", backed out: {document['live']['backed_out']}" if document["live"].get("backed_out") else ""))
     return 0
 
 
@@ -183,6 +249,10 @@ def version_state(version, alias: str) -> str:
     tags = version.tags
     if alias in version.aliases:
         return alias
+    if version.aliases:  # e.g. candidate: being rolled out
+        return ",".join(version.aliases)
+    if tags.get("canary.backed_out") == "true":
+        return "backed out"
     if tags.get("rolled_back") == "true":
         return "rolled back"
     decision = tags.get("gate.decision", "pending")

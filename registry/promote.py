@@ -234,10 +234,12 @@ def _radiometry(spec) -> str:
 
 def promote(params_path: str | Path = "params.yaml", report_path: str | Path | None = "reports/promotion.json", *,
             before_move: Callable[[], None] | None = None, version: str | None = None,
-            reason: str | None = None) -> dict:
+            reason: str | None = None, to: str | None = None) -> dict:
     """Register and gate the pipeline's model, or with `version` gate that registered version again (`reason`:
-    why, recorded; needed to bring back a rolled-back version). Returns the report (also written to
-    `report_path` unless None). `before_move` runs between the final alias check and the move (tests race)."""
+    why, recorded; needed to bring back a rolled-back version). `to`: the alias a pass moves (default the
+    production alias; e.g. "candidate" to roll the version out gradually, README: Rolling out a new version).
+    Returns the report (also written to `report_path` unless None). `before_move` runs between the final alias
+    check and the move (tests race)."""
     params: PromoteParams = load_promote(params_path)
     common = load_common(params_path)
     # Fails here, before anything is written, if the server is down.
@@ -253,7 +255,7 @@ def promote(params_path: str | Path = "params.yaml", report_path: str | Path | N
             local_model = load_model(candidate.models_dir)
         try:
             report = _gate(registry, params, candidate, local_model, registered.version, params_path, before_move,
-                           explicit=version is not None, reason=reason)
+                           explicit=version is not None, reason=reason, target=to or params.alias)
         except BaseException:
             if created:
                 log.error("the gate failed; deleting version %s registered by this run", registered.version)
@@ -297,7 +299,12 @@ def _rollback_check(tags: dict[str, str], version: str, alias: str, explicit: bo
 
 
 def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local_model, version: str,
-          params_path, before_move, *, explicit: bool = False, reason: str | None = None) -> dict:
+          params_path, before_move, *, explicit: bool = False, reason: str | None = None,
+          target: str | None = None) -> dict:
+    """Run the checks; on a pass move `target` (default: the production alias) to `version`. The comparison is
+    always with the production alias's version."""
+    target = target or params.alias
+    canary = target != params.alias
     registered = registry.load_pyfunc(version).unwrap_python_model().model
     checks = [_rollback_check(registry.get(version).tags, version, params.alias, explicit, reason),
               gate.beats_bicubic(candidate.scores, params),
@@ -309,6 +316,10 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
     decision, moved_from = "rejected", None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         production = registry.alias_version(params.alias)
+        if production == version and canary:
+            regression = gate.Check("no_regression", False, f"version {version} already holds {params.alias}: "
+                                    f"nothing to roll out as {target}", {"production_version": production})
+            break
         if production == version:
             regression = gate.Check("no_regression", True, f"version {version} already holds {params.alias}", {})
             decision = "unchanged" if all(c.passed for c in checks) else "rejected"
@@ -330,8 +341,11 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
             log.warning("%s moved from v%s to v%s while the gate ran; comparing again (attempt %d of %d)",
                         params.alias, production, now, attempt + 1, MAX_ATTEMPTS)
             continue
-        registry.move_alias(params.alias, version)
-        decision, moved_from = "promoted", production
+        if canary and registry.alias_version(target) == version:
+            decision = "unchanged"
+            break
+        registry.move_alias(target, version)
+        decision, moved_from = "promoted", None if canary else production
         break
     else:
         regression = gate.Check("no_regression", False, f"{params.alias} moved during each of {MAX_ATTEMPTS} "
@@ -340,7 +354,8 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
     after = registry.alias_version(params.alias)
     reasons = [f"{c.name}: {c.detail}" for c in checks if not c.passed]
     report = {
-        "model": params.model_name, "version": version, "alias": params.alias, "decision": decision,
+        "model": params.model_name, "version": version, "alias": target, "production_alias": params.alias,
+        "decision": decision,
         "reasons": reasons, "checks": [c.to_dict() for c in checks],
         "production_before": before, "production_after": after, "replaced": moved_from,
         "candidate": {"id": candidate.id, "dataset_hash": candidate.dataset_hash, "weights": candidate.weights,
@@ -352,7 +367,7 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
             "gate.reasons": "; ".join(reasons)[:4000] or "all checks passed",
             "gate.checks": json.dumps({c.name: c.passed for c in checks}, sort_keys=True),
             "gate.latency_ms": str(next(c for c in checks if c.name == "latency").values.get("median_ms")),
-            "gate.compared_with": str(regression.values.get("production_version", "none"))}
+            "gate.compared_with": str(regression.values.get("production_version", "none")), "gate.target": target}
     if decision == "promoted":
         tags["promoted.at"] = _now()
         if reason:
@@ -409,3 +424,81 @@ def rollback(params_path: str | Path = "params.yaml", reason: str = "") -> tuple
                      metrics={}, artifacts=[])
     log.info("%s: %s moved back from v%s to v%s", params.model_name, params.alias, current, previous)
     return current, previous
+
+
+# -- gradual roll-outs (README: Rolling out a new version) -----------------------------------------------------
+
+CANARY_ALIAS = "candidate"
+
+
+def rollout_status(params_path: str | Path = "params.yaml", alias: str = CANARY_ALIAS,
+                   server: str | None = None) -> dict:
+    """Both versions of a roll-out as the registry holds them and, with `server` (a running `hndsr serve`), as
+    the server reports them live (its GET /rollout)."""
+    params = load_promote(params_path)
+    registry = Registry(params.model_name, must_exist=True)
+    document: dict = {"model": params.model_name, "versions": {}}
+    for role, name in (("production", params.alias), ("candidate", alias)):
+        version = registry.alias_version(name)
+        tags = registry.get(version).tags if version else {}
+        document["versions"][role] = {
+            "alias": name, "version": version, "gate": tags.get("gate.decision"),
+            "scores": scores_from_tags(tags) if version else {},
+            "backed_out": {k.removeprefix("canary.backed_out."): v for k, v in tags.items()
+                           if k.startswith("canary.backed_out.")} or None}
+    if server is not None:
+        document["live"] = _live(server)
+    return document
+
+
+def _live(server: str) -> dict:
+    import urllib.error
+    import urllib.request
+
+    url = server.rstrip("/") + "/rollout"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read the server's roll-out numbers at {url}: {exc}") from None
+
+
+def rollout_promote(params_path: str | Path = "params.yaml", alias: str = CANARY_ALIAS,
+                    reason: str | None = None) -> dict:
+    """Finish a roll-out: gate the version `alias` points to against production (the full gate, as
+    `promote --version`), move production to it and remove `alias`. Returns the gate's report."""
+    params = load_promote(params_path)
+    registry = Registry(params.model_name, must_exist=True)
+    version = registry.alias_version(alias)
+    if version is None:
+        raise RegistryError(f"{params.model_name} has no {alias!r} alias: nothing is rolling out "
+                            f"(start one with `hndsr registry promote --to {alias}`)")
+    tags = registry.get(version).tags
+    if tags.get("canary.backed_out") == "true":
+        raise RegistryError(f"v{version} was backed out of the roll-out by the server on "
+                            f"{tags.get('canary.backed_out.at', '?')}: {tags.get('canary.backed_out.reason', '')}; "
+                            f"end it with `hndsr registry rollout abort`")
+    report = promote(params_path, None, version=version, reason=reason or f"roll-out of v{version} finished")
+    if report["decision"] in ("promoted", "unchanged"):
+        registry.delete_alias(alias)
+        log.info("%s: roll-out of v%s finished; %s removed", params.model_name, version, alias)
+    return report
+
+
+def rollout_abort(params_path: str | Path = "params.yaml", alias: str = CANARY_ALIAS,
+                  reason: str = "") -> str:
+    """End a roll-out without promoting: remove `alias` (servers stop routing to it at their next poll) and
+    record why on the version. Returns the version."""
+    if not reason.strip():
+        raise RegistryError("say why the roll-out is aborted (--reason): it is recorded on the version")
+    params, common = load_promote(params_path), load_common(params_path)
+    registry = Registry(params.model_name, must_exist=True)
+    version = registry.alias_version(alias)
+    if version is None:
+        raise RegistryError(f"{params.model_name} has no {alias!r} alias: nothing is rolling out")
+    registry.delete_alias(alias)
+    registry.set_tags(version, {"rollout.aborted.at": _now(), "rollout.aborted.reason": reason[:4000]})
+    registry.log_run("rollout_abort", experiment=common.experiment,
+                     tags={"model_name": params.model_name, "model_version": version, "alias": alias,
+                           "reason": reason[:4000]}, metrics={}, artifacts=[])
+    return version

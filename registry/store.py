@@ -217,6 +217,9 @@ class Registry:
     def move_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, str(version))
 
+    def delete_alias(self, alias: str) -> None:
+        self.client.delete_registered_model_alias(self.name, alias)
+
     def delete_version(self, version: str) -> None:
         self.client.delete_model_version(self.name, str(version))
 

@@ -23,15 +23,15 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 
-from serving import acceleration, loader, runtime
+from serving import acceleration, loader, rollout, runtime
 from serving.errors import error_response, install_handlers
 from serving.routers import health, inference, metrics
 from serving.settings import Settings, load_settings
-from serving.state import State, request_client
+from serving.state import VERSION, State, request_client
 
 log = logging.getLogger("hndsr.serving")
 
-_ROUTES = {"/healthz", "/readyz", "/v1/super-resolve", "/v1/model", "/metrics"}  # metric labels; others: "other"
+_ROUTES = {"/healthz", "/readyz", "/v1/super-resolve", "/v1/model", "/metrics", "/rollout"}  # metric labels; others: "other"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,11 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
         state.metrics.set_model(state.model.info)
         state.ready = True
+        canary = asyncio.create_task(_follow_canary(state))  # in the background: production serves meanwhile
         poller = asyncio.create_task(_poll(state)) if settings.poll_s > 0 else None
         try:
             yield
         finally:
             state.ready, state.draining = False, True
+            canary.cancel()
             if poller is not None:
                 poller.cancel()
             state.engine.close()
@@ -81,37 +83,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception:
             log.exception("unhandled error on %s", request.url.path)
             response = error_response(500, "internal_error", "the server failed on this request; it was logged")
-        state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        version = request.scope.get(VERSION, "")
+        state.metrics.requests.labels(route=route, status=str(response.status_code), version=version).inc()
         client = request_client(request)
         if client is not None:
             state.metrics.client_requests.labels(client=client.name, status=str(response.status_code)).inc()
-        state.metrics.latency.labels(route=route).observe(time.perf_counter() - start)
+        state.metrics.latency.labels(route=route, version=version).observe(time.perf_counter() - start)
         return response
 
     return app
 
 
 async def _poll(state: State) -> None:
-    """Follow the alias: load and warm a new version in the background, then swap it in."""
-    settings = state.settings
+    """Follow the aliases: load and warm a new version in the background, then swap it in; the same for the
+    roll-out's candidate."""
     while True:
-        await asyncio.sleep(settings.poll_s)
-        try:
-            version = await asyncio.to_thread(loader.current_version, settings.model_uri)
-            if version is None or state.model is None or version == str(state.model.info["version"]):
-                continue
-            log.info("%s now points to version %s; loading it", settings.model_uri, version)
-            new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
-                                          **runtime.load_options(settings, state.engine.max_batch))
-            runtime.check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
-            state.model = new  # requests admitted earlier keep the model they captured
-            state.metrics.set_model(new.info)
-            state.metrics.reloads.labels(outcome="loaded").inc()
-            log.info("now serving version %s", version)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the old model keeps serving
-            state.metrics.reloads.labels(outcome="failed").inc()
-            log.error("hot reload failed, still serving version %s: %s",
-                      state.model.info["version"] if state.model else "?", exc)
+        await asyncio.sleep(state.settings.poll_s)
+        await _follow_production(state)
+        await _follow_canary(state)
+
+
+async def _follow_production(state: State) -> None:
+    settings = state.settings
+    try:
+        version = await asyncio.to_thread(loader.current_version, settings.model_uri)
+        if version is None or state.model is None or version == str(state.model.info["version"]):
+            return
+        log.info("%s now points to version %s; loading it", settings.model_uri, version)
+        new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
+                                      **runtime.load_options(settings, state.engine.max_batch))
+        runtime.check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
+        state.model = new  # requests admitted earlier keep the model they captured
+        state.metrics.set_model(new.info)
+        state.metrics.reloads.labels(outcome="loaded").inc()
+        log.info("now serving version %s", version)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the old model keeps serving
+        state.metrics.reloads.labels(outcome="failed").inc()
+        log.error("hot reload failed, still serving version %s: %s",
+                  state.model.info["version"] if state.model else "?", exc)
+
+
+async def _follow_canary(state: State) -> None:
+    try:
+        await rollout.follow_canary(state)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # production keeps serving every client
+        state.metrics.reloads.labels(outcome="failed").inc()
+        log.error("cannot load the roll-out candidate (%s); production serves every client: %s",
+                  state.settings.canary_alias, exc)
 

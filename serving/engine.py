@@ -26,6 +26,9 @@ Admission: a request is accepted while the output pixels of everything queued or
 `max_queue_pixels`; otherwise `Overloaded` (the server answers 503 with Retry-After). Deadlines are checked
 before each batch and between DDIM steps; a batch whose requests have all expired, or were all cancelled
 (`job.future.cancel()`: the server gave up on them at the end of a shutdown drain), is abandoned.
+Background work (`submit(..., background=True)`, the roll-out's shadow runs): not counted in admission, and a
+pass of background tiles only stops between DDIM steps when other tiles are waiting (`Preempted`), so it never
+holds up requests that clients wait for.
 Timing: `Job.submitted`, `Job.started` (its first tile's pass began) and `Job.finished` give queue and
 inference time apart.
 On CUDA an out-of-memory error frees the cache and retries with half the batch, down to one tile, before the
@@ -66,6 +69,10 @@ class DeadlineExceeded(RuntimeError):
 
 class Abandoned(RuntimeError):
     """Every request of a pass was cancelled; the pass stops."""
+
+
+class Preempted(Abandoned):
+    """A pass of background work stopped because other tiles were waiting."""
 
 
 def _settle(future: Future, *, result=None, error: BaseException | None = None) -> None:
@@ -207,6 +214,7 @@ class Job:
     weights: np.ndarray | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     submitted: float = field(default_factory=time.monotonic)
+    background: bool = False  # shadow work: not admitted against the budget, preempted by waiting tiles
     started: float | None = None  # when its first tile's pass began
     finished: float | None = None  # when its output was ready
 
@@ -235,6 +243,7 @@ class Engine:
         self.max_queue_pixels = max_queue_pixels
         self._queue: queue.Queue[tuple[Job, int] | None] = queue.Queue()
         self._pending: list[tuple[Job, int]] = []
+        self._waiting_foreground = 0  # tiles of client requests submitted and not yet in a pass
         self._admitted_pixels = 0
         self._lock = threading.Lock()
         self._on_batch = on_batch
@@ -263,20 +272,22 @@ class Engine:
         return self._queue.qsize() + len(self._pending)
 
     def submit(self, model: LoadedModel, lr: np.ndarray, scale: float, steps: int, seed: int,
-               deadline_s: float) -> Job:
+               deadline_s: float, *, background: bool = False) -> Job:
         out_h, out_w = hr_size(lr.shape[0], scale), hr_size(lr.shape[1], scale)
         job = Job(model, lr, scale, steps, seed, time.monotonic() + deadline_s, out_h, out_w,
-                  plan_tiles(lr.shape[0], lr.shape[1], scale, self.pass_pixels, self.overlap))
+                  plan_tiles(lr.shape[0], lr.shape[1], scale, self.pass_pixels, self.overlap), background=background)
         with self._lock:
-            if self._admitted_pixels + job.pixels > self.max_queue_pixels:
+            if not background and self._admitted_pixels + job.pixels > self.max_queue_pixels:
                 raise Overloaded(f"the server is busy ({self._admitted_pixels} output pixels queued, budget "
                                  f"{self.max_queue_pixels})")
-            self._admitted_pixels += job.pixels
+            if not background:
+                self._admitted_pixels += job.pixels
+                self._waiting_foreground += len(job.tiles)
         job.accumulator = np.zeros((out_h, out_w, lr.shape[2]), dtype=np.float32)
         job.weights = np.zeros((out_h, out_w, 1), dtype=np.float32)
         # The callback holds the pixel count, not the job: a job -> future -> callback -> job cycle would keep
         # every finished job's input and output alive until the cyclic garbage collector happened to run.
-        job.future.add_done_callback(functools.partial(self._release, job.pixels))
+        job.future.add_done_callback(functools.partial(self._release, 0 if background else job.pixels))
         for index in range(len(job.tiles)):
             self._queue.put((job, index))
         return job
@@ -335,6 +346,10 @@ class Engine:
             del batch  # no finished job stays referenced while this worker waits for the next batch
 
     def _serve(self, batch: list[tuple[Job, int]]) -> None:
+        foreground = sum(not job.background for job, _ in batch)
+        if foreground:
+            with self._lock:
+                self._waiting_foreground -= foreground
         now = time.monotonic()
         live = []
         for job, index in batch:
@@ -383,6 +398,8 @@ class Engine:
         seeds = [_tile_seed(job.seed, job.tiles[index]) for job, index in batch]
 
         def check_deadline(done: int, total: int) -> None:
+            if all(job.background for job in jobs) and self._waiting_foreground > 0:
+                raise Preempted(f"background pass stopped after {done} of {total} DDIM steps: other work waits")
             if all(job.future.done() for job in jobs):
                 raise Abandoned(f"every request of this pass was cancelled after {done} of {total} DDIM steps")
             if all(time.monotonic() > job.deadline for job in jobs):

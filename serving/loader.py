@@ -48,6 +48,19 @@ def _checkpoints_in(folder: Path) -> Path:
                          "folders (or artifacts/checkpoints/ of an exported registry version)")
 
 
+def alias_uri(model_uri: str, alias: str) -> str | None:
+    """`models:/NAME@alias` for a MODEL_URI that names NAME by an alias, else None (no roll-outs)."""
+    match = _MODELS_URI.match(model_uri)
+    return f"models:/{match['name']}@{alias}" if match and match["alias"] else None
+
+
+def record_backout(model_uri: str, version: str, tags: dict[str, str]) -> None:
+    """Tag registered `version` of MODEL_URI's model (the server backed it out of a roll-out)."""
+    from registry.store import Registry
+
+    Registry(_MODELS_URI.match(model_uri)["name"]).set_tags(version, tags)
+
+
 def current_version(model_uri: str) -> str | None:
     """The version an alias URI points to now (None for fixed versions and local folders)."""
     match = _MODELS_URI.match(model_uri)

@@ -22,10 +22,30 @@ class Metrics:
         r = self.registry
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=r)
-        self.requests = Counter("hndsr_requests_total", "HTTP requests by route and status (499: the client went "
-                                "away before the answer; 408: its upload stalled)", ["route", "status"], registry=r)
-        self.latency = Histogram("hndsr_request_seconds", "HTTP request latency by route", ["route"], registry=r,
+        self.requests = Counter("hndsr_requests_total", "HTTP requests by route, status and the model version that "
+                                "answered (499: the client went away before the answer; 408: its upload stalled)",
+                                ["route", "status", "version"], registry=r)
+        self.latency = Histogram("hndsr_request_seconds", "HTTP request latency by route and model version",
+                                 ["route", "version"], registry=r,
                                  buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.canary_weight = Gauge("hndsr_canary_weight", "share of clients routed to the roll-out's candidate now "
+                                   "(0 when none is loaded or it was backed out)", registry=r)
+        self.canary_backouts = Counter("hndsr_canary_backouts_total", "candidates backed out of a roll-out",
+                                       ["version"], registry=r)
+        self.shadow = Counter("hndsr_shadow_requests_total", "shadow runs of production requests on the roll-out "
+                              "candidate, by outcome (compared; dropped: the engine was busy or a shadow run was "
+                              "in flight; preempted: client work arrived; skipped: the candidate takes other bands or scales; "
+                              "failed)", ["candidate", "outcome"],
+                              registry=r)
+        self.shadow_psnr = Histogram("hndsr_shadow_psnr_db", "PSNR between the production answer and the "
+                                     "candidate's output for the same request (model values in [0, 1])",
+                                     ["production", "candidate"], registry=r,
+                                     buckets=(10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 80))
+        self.shadow_seconds = Histogram("hndsr_shadow_seconds", "the candidate's queue + inference time on shadow "
+                                        "runs", ["candidate"], registry=r,
+                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.canary_retries = Counter("hndsr_canary_retries_total", "candidate requests that failed and were "
+                                      "answered by production instead", ["version"], registry=r)
         stages = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
         self.queue_wait = Histogram("hndsr_queue_seconds", "time a super-resolve request waited in the engine's queue "
                                     "before its first tile ran", registry=r, buckets=(0.001, 0.005, *stages))

@@ -26,6 +26,13 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_DRAIN_S` | 30 | on SIGTERM, how long requests in flight may take to finish (then they are answered 503) |
 | `HNDSR_CLIENT_TIMEOUT_S` | 30 | a request's headers must arrive within this; a body upload may pause at most this long |
 | `HNDSR_MAX_CONNECTIONS` | 256 | open connections beyond this get 503 (health probes excepted) |
+| `HNDSR_CANARY_WEIGHT` | 0 | share of clients (sticky by client) sent to the version `HNDSR_CANARY_ALIAS` points to, 0 to 1 |
+| `HNDSR_SHADOW_SHARE` | 0 | instead of a split: share of production requests also run on the candidate in the background, compared, never returned |
+| `HNDSR_CANARY_ALIAS` | `candidate` | the roll-out's alias (with MODEL_URI an alias URI of the same model) |
+| `HNDSR_CANARY_WINDOW_S` | 300 | sliding window over which the candidate is compared with production |
+| `HNDSR_CANARY_MIN_REQUESTS` | 20 | least candidate requests in the window before it is judged |
+| `HNDSR_CANARY_MAX_ERROR_RATIO` | 0.05 | back out when the candidate's server-error ratio exceeds production's by more |
+| `HNDSR_CANARY_MAX_LATENCY_RATIO` | 1.5 | back out when the candidate's p95 seconds per output megapixel exceed production's times this |
 """
 
 from __future__ import annotations
@@ -68,11 +75,20 @@ class Settings(BaseSettings):
     drain_s: float = Field(30.0, gt=0)
     client_timeout_s: float = Field(30.0, gt=0)
     max_connections: Positive = 256
+    canary_weight: float = Field(0.0, ge=0, le=1)
+    shadow_share: float = Field(0.0, ge=0, le=1)
+    canary_alias: str = Field("candidate", min_length=1)
+    canary_window_s: float = Field(300.0, gt=0)
+    canary_min_requests: Positive = 20
+    canary_max_error_ratio: float = Field(0.05, ge=0, le=1)
+    canary_max_latency_ratio: float = Field(1.5, gt=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.max_queue_pixels < self.max_output_pixels:
             raise ValueError("HNDSR_MAX_QUEUE_PIXELS must be at least HNDSR_MAX_OUTPUT_PIXELS")
+        if self.canary_weight > 0 and self.shadow_share > 0:
+            raise ValueError("set HNDSR_CANARY_WEIGHT (a split) or HNDSR_SHADOW_SHARE (shadow runs), not both")
         if self.api_key and self.api_keys_file:
             raise ValueError("set HNDSR_API_KEY (one shared key) or HNDSR_API_KEYS_FILE (named clients), not both")
         return self

@@ -10,6 +10,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+from serving.canary import Monitor
 from serving.clients import Client, ClientsError, Quotas, load_clients
 from serving.engine import Engine, LoadedModel
 from serving.errors import ClientError
@@ -30,6 +31,15 @@ class State:
         except ClientsError as exc:
             raise SettingsError(f"HNDSR_API_KEYS_FILE={settings.api_keys_file!r}: {exc}") from None
         self.model: LoadedModel | None = None
+        # A gradual roll-out (serving/canary.py): the candidate version, the share of clients it gets now (0 once
+        # backed out), the versions backed out (never loaded again by this process) and the outcome window.
+        self.canary: LoadedModel | None = None
+        self.canary_weight = settings.canary_weight
+        self.backed_out: dict[str, str] = {}
+        self.background: set[asyncio.Task] = set()  # tasks kept alive until done (registry records, shadow runs)
+        self.shadow_running = False  # one shadow run at a time
+        self.monitor = Monitor(settings.canary_window_s, settings.canary_min_requests,
+                               settings.canary_max_error_ratio, settings.canary_max_latency_ratio)
         self.engine: Engine | None = None
         self.ready = False
         self.draining = False  # SIGTERM came: new work gets 503, /readyz 503, requests in flight go on
@@ -75,6 +85,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 CLIENT = "hndsr.client"  # the ASGI scope key of the named client a request came from (serving/clients.py)
+VERSION = "hndsr.version"  # the ASGI scope key of the model version that answered (a metrics label)
 
 
 def require_api_key(request: Request, state: StateDep, settings: SettingsDep) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -11,11 +12,13 @@ from fastapi.responses import JSONResponse, Response
 from hndsr import imagefile
 from hndsr.degradation import hr_size
 from hndsr.images import ImageDecodeError
-from serving import rasters
+from serving import rasters, rollout
 from serving.engine import DeadlineExceeded, Overloaded
 from serving.errors import ClientError, image_error
-from serving.state import StateDep, request_client, require_api_key
+from serving.state import VERSION, StateDep, request_client, require_api_key
 from serving.upload import read_upload
+
+log = logging.getLogger("hndsr.serving")
 
 router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(require_api_key)],
                    responses={401: {"description": "API key needed"}})
@@ -76,10 +79,30 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
         state.in_flight -= 1
 
 
+class CandidateFailed(Exception):
+    """The roll-out candidate failed on this request; production answers it instead."""
+
+
 async def _super_resolve(request: Request, state: StateDep) -> Response:
+    upload = await state.until_drained(read_upload(request, state.settings.max_upload_bytes))
+    model = rollout.choose(state, request)  # captured now: a hot swap never changes the model of a request in flight
+    try:
+        return await _answer(request, state, upload, model, candidate=model is not state.model)
+    except CandidateFailed as failure:
+        version = str(model.info["version"])
+        state.metrics.canary_retries.labels(version=version).inc()
+        log.warning("roll-out candidate version %s failed on a request (%s); production version %s answers it",
+                    version, failure.__cause__, state.model.info["version"])
+        return await _answer(request, state, upload, state.model, candidate=False, retry=True)
+
+
+async def _answer(request: Request, state: StateDep, upload, model, *, candidate: bool,
+                  retry: bool = False) -> Response:
+    """Decode, check, run on `model` and encode; `candidate`: a server error raises CandidateFailed;
+    `retry`: the quota was already taken for this request."""
     settings = state.settings
-    upload = await state.until_drained(read_upload(request, settings.max_upload_bytes))
-    model = state.model  # captured now: a hot swap never changes the model of a request in flight
+    version = str(model.info["version"])
+    request.scope[VERSION] = version
     scale, seed = upload.scale, upload.seed
     low, high = model.model.min_scale, model.model.max_scale
     if not low <= scale <= high:
@@ -100,7 +123,7 @@ async def _super_resolve(request: Request, state: StateDep) -> Response:
         raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
                           f"pixels, above the limit of {settings.max_output_pixels}; use a smaller image or scale")
     client = request_client(request)
-    if client is not None:
+    if client is not None and not retry:
         state.quotas.take(client, "megapixels", out_h * out_w)
     try:
         job = state.engine.submit(model, decoded.lr, scale, steps, seed, settings.deadline_s)
@@ -109,14 +132,27 @@ async def _super_resolve(request: Request, state: StateDep) -> Response:
     try:
         output = await state.until_drained(asyncio.wrap_future(job.future))
     except DeadlineExceeded as exc:
+        state.monitor.record(version, ok=False)
         raise ClientError(504, "deadline_exceeded", f"{exc} ({settings.deadline_s:g} s)") from None
-    except Overloaded as exc:
+    except (Overloaded, ClientError) as exc:  # out of device memory, or the shutdown drain ran out
+        if isinstance(exc, ClientError):
+            raise
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "5"}) from None
+    except Exception as exc:  # the model failed on this input: a server error of this version
+        state.monitor.record(version, ok=False)
+        if candidate:
+            rollout.judge(state)
+            raise CandidateFailed() from exc
+        raise
     queued = (job.started or job.submitted) - job.submitted
     inference = (job.finished or time.monotonic()) - (job.started or job.submitted)
+    state.monitor.record(version, ok=True, seconds=queued + inference, pixels=out_h * out_w)
+    if candidate:
+        rollout.judge(state)
+    else:
+        rollout.shadow(state, decoded.lr, scale, steps, seed, output)
     state.metrics.queue_wait.observe(queued)
     state.metrics.inference.observe(inference)
-    version = str(model.info["version"])
     body = await asyncio.to_thread(
         imagefile.encode, output, decoded, spec, scale, fmt, png_compress_level=settings.png_compress_level,
         tags={"HNDSR_MODEL_VERSION": version, "HNDSR_SCALE": f"{scale:.10g}", "HNDSR_STEPS": str(steps),
@@ -127,6 +163,6 @@ async def _super_resolve(request: Request, state: StateDep) -> Response:
         state.metrics.client_pixels.labels(client=client.name).inc(out_h * out_w)
     return Response(body, media_type=rasters.FORMATS[fmt], headers={
         "X-Model-Version": version, "X-Model-Alias": str(model.info.get("alias") or ""),
-        "X-Queue-Time-Ms": f"{queued * 1000:.1f}", "X-Inference-Time-Ms": f"{inference * 1000:.1f}", "X-Output-Size": f"{out_w}x{out_h}",
-        "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed),
+        "X-Queue-Time-Ms": f"{queued * 1000:.1f}", "X-Inference-Time-Ms": f"{inference * 1000:.1f}",
+        "X-Output-Size": f"{out_w}x{out_h}", "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed),
         **(state.quotas.headers(client) if client is not None else {})})

@@ -16,3 +16,23 @@ async def metrics(state: StateDep) -> Response:
     state.metrics.queue_tiles.set(state.engine.queued_tiles if state.engine else 0)
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
+
+
+@router.get("/rollout", summary="the roll-out as this server sees it: weight, versions and their live numbers")
+async def rollout_numbers(state: StateDep) -> dict:
+    """Open like /metrics (counts and latencies, no images or keys); `hndsr registry rollout status --server`
+    reads it."""
+    settings = state.settings
+    versions = {}
+    for role, loaded in (("production", state.model), ("candidate", state.canary)):
+        if loaded is not None:
+            version = str(loaded.info["version"])
+            versions[version] = {"role": role, "alias": loaded.info.get("alias"), **state.monitor.numbers(version)}
+    for version in state.backed_out:
+        versions.setdefault(version, {"role": "backed out", "alias": None, **state.monitor.numbers(version)})
+    return {"weight": state.canary_weight, "configured_weight": settings.canary_weight,
+            "alias": settings.canary_alias, "window_s": settings.canary_window_s, "versions": versions,
+            "backed_out": state.backed_out,
+            "thresholds": {"min_requests": settings.canary_min_requests,
+                           "max_error_ratio": settings.canary_max_error_ratio,
+                           "max_latency_ratio": settings.canary_max_latency_ratio}}

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -439,3 +441,81 @@ def test_a_moved_project_says_its_artifacts_were_moved(make_project, tmp_path):
     log = server.log.read_text()
     assert f"its artifacts are recorded at {project}/mlruns/" in log and "was moved or copied" in log, log[-2000:]
     assert f"cannot start: {name} version 1: its artifacts" in log  # the model's name once
+
+
+def test_rollout_through_a_candidate_alias_then_abort_or_finish(make_project, mlflow_server):
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    good = make_project("good", model_name=name)
+    assert registry_cli(good, uri, "promote").returncode == 0  # v1 -> production
+    good2 = make_project("good2", model_name=name)
+    started = registry_cli(good2, uri, "promote", "--to", "candidate")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "v2 passed the gate; candidate -> v2" in started.stdout
+    document = status(good2, uri)
+    assert document["aliases"] == {"production": "1", "candidate": "2"}  # production did not move
+    assert {v["version"]: v["state"] for v in document["versions"]} == {"2": "candidate", "1": "production"}
+    assert version_tags(document, "2")["gate.target"] == "candidate"
+    # A server rolling it out to every client (weight 1) follows the commands below.
+    from tests.serving.test_server import Server, png, post
+
+    served = Server({"MLFLOW_TRACKING_URI": uri, "MODEL_URI": f"models:/{name}@production", "HNDSR_POLL_S": "0.5",
+                     "HNDSR_CANARY_WEIGHT": "1"}, good2)
+
+    def answers(version: str, alias: str) -> None:
+        deadline = time.monotonic() + 90
+        while True:
+            answer = post(served.url, png(16, 16), scale="2", steps="0")
+            if answer.status_code == 200 and (answer.headers["x-model-version"], answer.headers["x-model-alias"]) \
+                    == (version, alias):
+                return
+            assert time.monotonic() < deadline, served.log.read_text()[-3000:]
+            time.sleep(0.3)
+
+    try:
+        served.wait_ready(timeout=120)
+        answers("2", "candidate")
+        shown = registry_cli(good2, uri, "rollout", "status", "--server", served.url)
+        assert "production production: v1" in shown.stdout and "candidate  candidate: v2" in shown.stdout
+        assert "live over 300 s" in shown.stdout and "server: canary weight 1" in shown.stdout
+        # Abort: the alias goes, the reason stays on the version; production untouched; the server follows.
+        assert registry_cli(good2, uri, "rollout", "abort").returncode == 2  # a reason is required
+        aborted = registry_cli(good2, uri, "rollout", "abort", "--reason", "latency on large tiles")
+        assert aborted.returncode == 0 and "candidate (v2) removed" in aborted.stdout
+        answers("1", "production")
+        assert registry_cli(good2, uri, "promote", "--to", "candidate", "--version", "2").returncode == 0
+        answers("2", "candidate")
+        finished = registry_cli(good2, uri, "rollout", "promote", "--reason", "served well")
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+        answers("2", "production")  # production moved to v2, the roll-out ended
+        assert httpx.get(f"{served.url}/rollout").json()["weight"] == 0
+    finally:
+        served.stop()
+    # Back to v1 for the rest (a rollback, as an operator would), then the same steps without a server.
+    assert registry_cli(good2, uri, "rollback", "--reason", "reset for the next steps").returncode == 0
+    document = status(good2, uri)
+    assert document["aliases"] == {"production": "1"}
+    assert version_tags(document, "2")["rollout.aborted.reason"] == "latency on large tiles"
+    nothing = registry_cli(good2, uri, "rollout", "promote")
+    assert nothing.returncode == 1 and "nothing is rolling out" in nothing.stderr
+    # Started again by version; a version the server backed out cannot be finished.
+    again = registry_cli(good2, uri, "promote", "--to", "candidate", "--version", "2", "--reason", "fixed")
+    assert again.returncode == 0, again.stdout + again.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_model_version_tag(name, "2", "canary.backed_out", "true")
+    client.set_model_version_tag(name, "2", "canary.backed_out.reason", "server errors in 40% of 20 requests")
+    refused = registry_cli(good2, uri, "rollout", "promote")
+    assert refused.returncode == 1 and "backed out of the roll-out by the server" in refused.stderr
+    client.set_model_version_tag(name, "2", "canary.backed_out", "false")  # say it was a false alarm
+    finished = registry_cli(good2, uri, "rollout", "promote", "--reason", "10 % for a day, no errors")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "rollout: finished; production -> v2 (was v1); candidate removed" in finished.stdout
+    assert "| no_regression | pass |" in finished.stdout
+    document = status(good2, uri)
+    assert document["aliases"] == {"production": "2"}
+    assert version_tags(document, "2")["promoted.reason"] == "10 % for a day, no errors"
+    # The production version cannot be rolled out as a candidate of itself.
+    itself = registry_cli(good2, uri, "promote", "--to", "candidate", "--version", "2")
+    assert itself.returncode == 3 and "already holds production: nothing to roll out" in itself.stdout
+    assert "candidate not moved; production stays on v2" in itself.stdout

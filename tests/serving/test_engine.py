@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from serving.engine import (
     Engine,
     LoadedModel,
     Overloaded,
+    Preempted,
     Tile,
     _tile_seed,
     plan_tiles,
@@ -237,5 +239,26 @@ def test_compiled_bfloat16_model_serves_within_the_tolerance(tmp_path):
             seed = _tile_seed(0, Tile(0, 0, 23, 31))
             expected = to_uint8(load_model(folder).super_resolve(to_tensor(image), scale, steps=2, seed=[seed]))[0]
             assert psnr(torch.from_numpy(got) / 255, torch.from_numpy(expected) / 255) >= 45
+    finally:
+        engine.close()
+
+
+def test_background_work_is_not_admitted_and_yields_to_client_work(loaded):
+    engine = Engine(torch.device("cpu"), pass_pixels=400_000, overlap=4, workers=1,
+                    max_queue_pixels=hr_size(40, 4) ** 2)
+    try:
+        lr = np.random.default_rng(0).random((40, 40, 3), dtype=np.float32)
+        shadow = engine.submit(loaded, lr, 4.0, 900, 0, 600, background=True)  # long: many DDIM steps
+        assert engine.queued_pixels == 0  # not counted against the budget
+        deadline = time.monotonic() + 60
+        while shadow.started is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        client = engine.submit(loaded, lr, 4.0, 2, 0, 600)  # admitted although the shadow holds the worker
+        output = client.future.result(timeout=120)
+        assert output.shape == (160, 160, 3)
+        with pytest.raises(Preempted, match="other work waits"):
+            shadow.future.result(timeout=1)
+        assert client.started - client.submitted < 30  # it waited one DDIM step, not 900
     finally:
         engine.close()

@@ -92,7 +92,7 @@ def test_stalled_clients_are_cut_off_while_others_are_served(guarded):
     line = 'hndsr_client_timeouts_total{phase="%s"}'
     assert metric(after, line % "headers") - metric(before, line % "headers") == 21
     assert metric(after, line % "body") - metric(before, line % "body") == 10
-    assert re.search(r'hndsr_requests_total\{route="/v1/super-resolve",status="408"\} 10\.0', after)
+    assert re.search(r'hndsr_requests_total\{route="/v1/super-resolve",status="408",version=""\} 10\.0', after)
     assert not re.search(r'hndsr_requests_total\{[^}]*status="5\d\d"\}', after)
     assert post(guarded.url, png(16, 16), steps="0").status_code == 200
 
@@ -123,7 +123,7 @@ def test_an_aborted_upload_is_a_client_event_not_a_server_error(guarded):
         sock.close()  # the client goes away mid-upload
     time.sleep(0.5)
     metrics = httpx.get(f"{guarded.url}/metrics").text
-    assert re.search(r'hndsr_requests_total\{route="/v1/super-resolve",status="499"\} 3\.0', metrics)
+    assert re.search(r'hndsr_requests_total\{route="/v1/super-resolve",status="499",version=""\} 3\.0', metrics)
     assert not re.search(r'hndsr_requests_total\{[^}]*status="5\d\d"\}', metrics)
     new = guarded.log.read_text()[len(log_before):].splitlines()
     assert len(new) == 3 and all("closed the connection while sending POST /v1/super-resolve" in line
