@@ -19,7 +19,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test lint status ui clean help lock lock-check
+.PHONY: setup repro test tools lint status ui clean help lock lock-check
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
@@ -62,7 +62,20 @@ lock-check: $(BIN)/uv
 repro: $(STAMP)
 	$(RUN) dvc repro
 
-test: $(STAMP)
+# Tools the tests call that are not Python packages: promtool (Debian's prometheus package) for the monitoring
+# kit's rule tests, kubectl (its kustomize builds the Kubernetes manifests; Debian's kubernetes-client if none is
+# installed). Installed with apt-get (as root, or through sudo) when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+tools:
+	@command -v promtool >/dev/null || { echo "installing promtool (Debian package prometheus) for tests/deploy"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
+	@command -v promtool >/dev/null || { echo "error: promtool could not be installed (apt-get install prometheus)"; exit 1; }
+	@command -v kubectl >/dev/null || { echo "installing kubectl (Debian package kubernetes-client) for tests/deploy"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null; }; }
+
+test: $(STAMP) tools
 	$(RUN) pytest
 
 lint: $(STAMP)

@@ -54,6 +54,10 @@ class Metrics:
                                    registry=r, buckets=stages)
         self.queue_tiles = Gauge("hndsr_queue_tiles", "tiles waiting for or in inference", registry=r)
         self.queue_pixels = Gauge("hndsr_queue_output_pixels", "output pixels admitted and not yet done", registry=r)
+        self.queue_capacity = Gauge("hndsr_queue_capacity_output_pixels", "output pixels the engine admits at once "
+                                    "(HNDSR_MAX_QUEUE_PIXELS); beyond, requests get 503", registry=r)
+        self.ready = Gauge("hndsr_ready", "1 while a model is loaded and warm and the server is not draining "
+                           "(what /readyz answers 200 to), else 0", registry=r)
         self.images = Counter("hndsr_images_total", "images super-resolved", registry=r)
         self.pixels = Counter("hndsr_output_pixels_total", "output pixels produced", registry=r)
         self.rejections = Counter("hndsr_rejections_total", "requests refused, by reason", ["reason"], registry=r)

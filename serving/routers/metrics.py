@@ -14,6 +14,8 @@ router = APIRouter(tags=["operations"])
 async def metrics(state: StateDep) -> Response:
     state.metrics.queue_pixels.set(state.engine.queued_pixels if state.engine else 0)
     state.metrics.queue_tiles.set(state.engine.queued_tiles if state.engine else 0)
+    state.metrics.queue_capacity.set(state.engine.max_queue_pixels if state.engine else 0)
+    state.metrics.ready.set(1 if state.ready and not state.draining and state.model is not None else 0)
     body, content_type = state.metrics.render()
     return Response(body, media_type=content_type)
 
