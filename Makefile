@@ -64,7 +64,8 @@ repro: $(STAMP)
 
 # Tools the tests call that are not Python packages: promtool (Debian's prometheus package) for the monitoring
 # kit's rule tests, kubectl (its kustomize builds the Kubernetes manifests; Debian's kubernetes-client if none is
-# installed). Installed with apt-get (as root, or through sudo) when missing.
+# installed), Chromium and ChromeDriver (the web page's test). Installed with apt-get (as root, or through sudo)
+# when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 tools:
 	@command -v promtool >/dev/null || { echo "installing promtool (Debian package prometheus) for tests/deploy"; \
@@ -74,6 +75,9 @@ tools:
 	@command -v kubectl >/dev/null || { echo "installing kubectl (Debian package kubernetes-client) for tests/deploy"; \
 	  $(SUDO) apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null; }; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing chromium and chromedriver for the page test"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
 
 test: $(STAMP) tools
 	$(RUN) pytest

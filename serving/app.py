@@ -6,6 +6,7 @@ lifespan loads and warms the model, so a model that cannot be loaded stops start
     POST /v1/super-resolve    multipart: file=<image or raster>, scale=<real>, steps, seed, format, bands (optional)
     GET  /v1/model            the loaded version, alias, run id, dataset hash, metrics  (routers/inference.py)
     GET  /metrics             Prometheus metrics                                    (routers/metrics.py)
+    GET  /                    the web page (serving/ui: plain HTML, CSS and JavaScript, nothing from elsewhere)
     GET  /docs, /redoc        OpenAPI docs (/openapi.json), their scripts served from the package (fastapi-offline)
 
 Every client error is a 4xx JSON body {"error": <code>, "detail": <what to fix>} (serving/errors.py); the server
@@ -19,8 +20,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from serving import acceleration, loader, rollout, runtime
@@ -31,6 +35,7 @@ from serving.state import VERSION, State, request_client
 
 log = logging.getLogger("hndsr.serving")
 
+UI = Path(__file__).with_name("ui")
 _ROUTES = {"/healthz", "/readyz", "/v1/super-resolve", "/v1/model", "/metrics", "/rollout"}  # metric labels; others: "other"
 
 
@@ -73,6 +78,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app, on_client_error=lambda code: state.metrics.rejections.labels(reason=code).inc())
     for router in (health.router, inference.router, metrics.router):
         app.include_router(router)
+    app.mount("/ui-assets", StaticFiles(directory=UI), name="ui-assets")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        """The web page; its policy allows nothing but this server (and the images it makes in the browser)."""
+        return FileResponse(UI / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                                       "base-uri 'none'; frame-ancestors 'none'"})
 
     @app.middleware("http")
     async def observe(request: Request, call_next):

@@ -24,7 +24,7 @@ EXIT_STARTUP = 4  # the model cannot be loaded or started (3 is `hndsr registry 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Serve the model over HTTP: POST /v1/super-resolve, GET /v1/model, /healthz, /readyz, /metrics, /docs. "
+        "Serve the model over HTTP: the web page at /, POST /v1/super-resolve, GET /v1/model, /healthz, /readyz, /metrics, /rollout, /docs. "
         "The model comes from MODEL_URI (default models:/hndsr@production, resolved at MLFLOW_TRACKING_URI; "
         "or a local folder); limits and the API key from HNDSR_* variables (README: Serving). Exit status: 0 after "
         f"a clean shutdown, {EXIT_SETTINGS} for an invalid setting, {EXIT_STARTUP} when the model cannot be loaded "
