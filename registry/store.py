@@ -215,7 +215,18 @@ class Registry:
             self.client.set_model_version_tag(self.name, str(version), key, str(value))
 
     def move_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.name, alias, str(version))
+        """Point `alias` at `version`. MLflow's SQL store creates an alias with an INSERT: two first moves of the same
+        alias at once (two concurrent promotions into an empty alias) collide on its unique key and one fails;
+        the alias exists by then, so setting it again updates it (the later move wins, as it would have)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_registered_model_alias(self.name, alias, str(version))
+        except MlflowException:
+            if self.alias_version(alias) is None:  # not that collision: a real failure
+                raise
+            log.info("%s was created concurrently by another promotion; setting it again", alias)
+            self.client.set_registered_model_alias(self.name, alias, str(version))
 
     def delete_alias(self, alias: str) -> None:
         self.client.delete_registered_model_alias(self.name, alias)

@@ -134,9 +134,9 @@ async def _answer(request: Request, state: StateDep, upload, model, *, candidate
     except DeadlineExceeded as exc:
         state.monitor.record(version, ok=False)
         raise ClientError(504, "deadline_exceeded", f"{exc} ({settings.deadline_s:g} s)") from None
-    except (Overloaded, ClientError) as exc:  # out of device memory, or the shutdown drain ran out
-        if isinstance(exc, ClientError):
-            raise
+    except ClientError:  # the shutdown drain ran out (State.until_drained)
+        raise
+    except Overloaded as exc:  # out of device memory
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "5"}) from None
     except Exception as exc:  # the model failed on this input: a server error of this version
         state.monitor.record(version, ok=False)

@@ -226,6 +226,37 @@ def test_two_concurrent_promotions_leave_a_consistent_state(make_project, mlflow
     assert {r["version"] for r in reports} == {"1", "2"}
 
 
+def test_an_alias_created_concurrently_is_set_again(make_project, mlflow_server):
+    """Two first moves of one alias collide in MLflow's SQL store (a unique-key INSERT); the loser sets it again."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.promote import PYFUNC_FILE
+    from registry.store import Registry
+    from tests.serving.test_server import write_model
+
+    registry = Registry(f"hndsr-{uuid.uuid4().hex[:8]}", mlflow_server.uri)
+    folder = make_project("good").parent / "checkpoints"
+    versions = [registry.register(write_model(folder, seed=i), python_model=PYFUNC_FILE, experiment="alias-race",
+                                  tags={}, run_tags={}, signature=None, input_example=None,
+                                  pip_requirements=["torch"]).version for i in range(2)]
+    real = registry.client.set_registered_model_alias
+    calls = []
+
+    def collide(name, alias, version):
+        calls.append(version)
+        if len(calls) == 1:  # the other promotion's INSERT lands first; ours fails on the unique key
+            real(name, alias, versions[0])
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases")
+        real(name, alias, version)
+
+    registry.client.set_registered_model_alias = collide
+    registry.move_alias("production", versions[1])
+    assert calls == [versions[1], versions[1]] and registry.alias_version("production") == versions[1]
+    registry.client.set_registered_model_alias = lambda *args: (_ for _ in ()).throw(MlflowException("down"))
+    with pytest.raises(MlflowException):  # a failure that is not that collision still fails
+        registry.move_alias("staging", versions[0])
+
+
 def test_gate_error_leaves_no_version_behind(make_project, mlflow_server, monkeypatch):
     from registry import gate
     from registry.promote import promote
