@@ -212,21 +212,29 @@ class Registry:
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_model_version_tag(self.name, str(version), key, str(value))
+            self._upsert(f"tag {key} of version {version}",
+                         lambda k=key, v=value: self.client.set_model_version_tag(self.name, str(version), k, str(v)),
+                         lambda k=key: k in self.get(version).tags)
 
     def move_alias(self, alias: str, version: str) -> None:
-        """Point `alias` at `version`. MLflow's SQL store creates an alias with an INSERT: two first moves of the same
-        alias at once (two concurrent promotions into an empty alias) collide on its unique key and one fails;
-        the alias exists by then, so setting it again updates it (the later move wins, as it would have)."""
+        self._upsert(f"alias {alias}", lambda: self.client.set_registered_model_alias(self.name, alias, str(version)),
+                     lambda: self.alias_version(alias) is not None)
+
+    @staticmethod
+    def _upsert(what: str, write, exists) -> None:
+        """MLflow's SQL store writes a tag or an alias as "look it up, then UPDATE or INSERT": two first writes of the
+        same key at once (two concurrent promotions of the same weights) both INSERT, one fails on the unique key.
+        The key exists by then, so writing again updates it (the later write wins, as it would have). Any other
+        failure (the key still absent) is raised."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.set_registered_model_alias(self.name, alias, str(version))
+            write()
         except MlflowException:
-            if self.alias_version(alias) is None:  # not that collision: a real failure
+            if not exists():
                 raise
-            log.info("%s was created concurrently by another promotion; setting it again", alias)
-            self.client.set_registered_model_alias(self.name, alias, str(version))
+            log.info("%s was created concurrently by another promotion; writing it again", what)
+            write()
 
     def delete_alias(self, alias: str) -> None:
         self.client.delete_registered_model_alias(self.name, alias)
