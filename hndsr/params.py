@@ -114,6 +114,8 @@ class TrainCommon:
     study_storage: str = "sqlite:///optuna.db"
     val_tiles: int = 40  # validation tiles per scale, evenly spaced through the split
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    heartbeat_s: int = 60  # a sweep's trial whose worker is silent for twice this is failed
+    processes: int = 1  # >1: `hndsr train` runs itself under torchrun with this many processes (one per GPU)
 
     def __post_init__(self) -> None:
         low, high = (self.scale_range + [0, 0])[:2]
@@ -123,6 +125,8 @@ class TrainCommon:
             raise ConfigError(f"train.device: must be auto, cpu or cuda, got {self.device!r}")
         if self.val_tiles < 1:
             raise ConfigError("train.val_tiles: must be at least 1")
+        if self.heartbeat_s < 1 or self.processes < 1:
+            raise ConfigError("train.heartbeat_s and train.processes: must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hndsr import tasks
 from hndsr.cli import Command
 
 
@@ -12,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--out", default="data/processed", help="output folder, replaced atomically "
                         "(default: %(default)s)")
+    tasks.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,8 +21,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.etl import run_etl, warn_if_untracked
 
     params = load_params(args.params)
+    cluster = tasks.load_cluster(args.params, workers=args.workers, address=args.cluster)
     warn_if_untracked(params.source)
-    report = run_etl(params, args.out)
+    report = run_etl(params, args.out, cluster)
     print(report.summary(), flush=True)
     return 0
 

@@ -11,23 +11,29 @@ matching LR image in the paired layout) and stream the rows to the split files.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import rasterio
 import torch
 import yaml
 from tqdm import tqdm
 
-from hndsr import raster
+from hndsr import raster, tasks
 from hndsr.atomic import atomic_directory
 from hndsr.degradation import degrade
 from hndsr.errors import UserError
@@ -35,7 +41,7 @@ from hndsr.images import ImageDecodeError, to_tensor, to_uint8
 from hndsr.raster import DataSpec
 from hndsr.splits import encode_tile
 from pipeline.config import SPLITS, EtlParams
-from pipeline.dataset import SplitWriter, dataset_hash, format_scale
+from pipeline.dataset import SCHEMA, SplitWriter, dataset_hash, format_scale
 from pipeline.reading import SourceImage, fixed_spec, open_image, percentile_spec, training_sample
 from pipeline.sources import (
     BLUEMARBLE,
@@ -73,23 +79,40 @@ class _Counts:
     tiles_kept: int = 0
     dropped: dict[str, int] = field(default_factory=lambda: {"nodata": 0, "uniform": 0, "guard": 0, "duplicate": 0})
 
+    def add(self, other: _Counts) -> None:
+        self.images_read += other.images_read
+        self.tiles_cut += other.tiles_cut
+        self.tiles_kept += other.tiles_kept
+        for reason, count in other.dropped.items():
+            self.dropped[reason] += count
 
-@dataclass
-class _Run:
-    """What the images of one ETL run share."""
+
+@dataclass(frozen=True)
+class _Job:
+    """What every source's task needs (sent to the workers of a cluster)."""
 
     params: EtlParams
     spec: DataSpec  # bands and radiometry
     splits: SplitAssigner
-    writers: dict[str, SplitWriter]
+    spool: str  # folder of the per-source part files (under the output's staging folder)
+
+
+@dataclass
+class _Run:
+    """One source's task: its rows go to a part file, its counts and skips come back with it."""
+
+    params: EtlParams
+    spec: DataSpec
+    splits: SplitAssigner
+    sink: _PartWriter
     pool: ThreadPoolExecutor  # encodes tiles
     skipped: list[dict]
     counts: _Counts = field(default_factory=_Counts)
-    seen: dict[str, str] = field(default_factory=dict)  # HR content hash -> tile id of the first kept copy
+    seen: dict[str, str] = field(default_factory=dict)  # HR content hash -> tile id of the first kept copy (here)
 
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append({"source": name, "reason": reason})
-        log.warning("skipped %s: %s", name, reason)
+
 
 
 @dataclass
@@ -110,30 +133,48 @@ class EtlReport:
         )
 
 
-def run_etl(params: EtlParams, out_dir: str | Path) -> EtlReport:
+def run_etl(params: EtlParams, out_dir: str | Path, cluster: tasks.Cluster | None = None) -> EtlReport:
     """Build the dataset described by `params` into `out_dir` (replaced atomically); return its report.
+
+    Each source image is one task (`hndsr.tasks`: in this process, or on a Dask cluster): it tiles the image into a
+    part file under the staging folder and returns its counts. The parts are then merged in source order, dropping
+    tiles that repeat a tile of an earlier source, into the split files: the same bytes however many workers ran
+    the tasks. A task that fails is reported in the manifest's `skipped` and the others' tiles are kept.
 
     Raises `SourceError` or `EtlError` when the source yields no usable data; `out_dir` is then untouched.
     """
+    cluster = cluster or tasks.Cluster()
     start = time.perf_counter()
     units, skipped, ignored, description = _list_units(params)
     splits = _split_assigner(params, units)
-    spec, radiometry_record = _radiometry(params, units, splits)
+    spec, radiometry_record = _radiometry(params, units, splits, cluster)
     sources: list[dict] = []
-    with atomic_directory(out_dir) as staging, ThreadPoolExecutor(os.cpu_count()) as pool, \
-            rasterio.Env(GDAL_CACHEMAX=raster.GDAL_CACHE_MB):
-        run = _Run(params, spec, splits, {s: SplitWriter(staging / f"{s}.parquet", s) for s in SPLITS}, pool,
-                   skipped)
+    counts, seen = _Counts(), {}
+    with atomic_directory(out_dir) as staging:
+        spool = staging.resolve() / ".parts"  # absolute: a cluster's workers have another working folder
+        spool.mkdir()
+        writers = {s: SplitWriter(staging / f"{s}.parquet", s) for s in SPLITS}
+        job = _Job(params, spec, splits, str(spool))
         try:
-            for hr_file, lr_file in tqdm(units, desc="etl images", unit="img", disable=None):
-                record = _process_unit(run, hr_file, lr_file)
-                if record is not None:
-                    sources.append(record)
+            names = [hr.key for hr, _ in units]
+            for index, part in tasks.run(partial(_tile_source, job), units, cluster=cluster, desc="etl images",
+                                         names=names):
+                if isinstance(part, tasks.Failed):
+                    skipped.append({"source": names[index], "reason": part.error})
+                    continue
+                skipped.extend(part.skipped)
+                for item in part.skipped:
+                    log.warning("skipped %s: %s", item["source"], item["reason"])
+                counts.add(part.counts)
+                if part.record is not None:
+                    part.record["tiles_kept"] -= _merge(part, writers, seen, counts)
+                    sources.append(part.record)
         finally:
-            split_entries = {split: writer.close() for split, writer in run.writers.items()}
-        _check_usable(run.counts, skipped, description, len(units))
+            split_entries = {split: writer.close() for split, writer in writers.items()}
+            shutil.rmtree(spool, ignore_errors=True)
+        _check_usable(counts, skipped, description, len(units))
         _check_splits(params, split_entries, splits)
-        manifest = _manifest(params, description, run.counts, split_entries, skipped, ignored, sources)
+        manifest = _manifest(params, description, counts, split_entries, skipped, ignored, sources)
         manifest["split_assignment"] = splits.method
         manifest["data"] = spec.to_config()
         manifest["radiometry"] = {"method": params.radiometry.method, "computed_on": radiometry_record,
@@ -188,23 +229,111 @@ def _check_splits(params: EtlParams, split_entries: dict, splits: SplitAssigner)
                        "{train: 1, val: 0, test: 0} for a training-only dataset)")
 
 
-def _radiometry(params: EtlParams, units, splits: SplitAssigner) -> tuple[DataSpec, dict]:
-    """The dataset's bands and radiometry: fixed, or percentiles of the training split's rasters."""
+def _radiometry(params: EtlParams, units, splits: SplitAssigner,
+                cluster: tasks.Cluster) -> tuple[DataSpec, dict]:
+    """The dataset's bands and radiometry: fixed, or percentiles of the training split's rasters (one task per
+    source samples it)."""
     if params.radiometry.method == "fixed":
         return fixed_spec(params), {}
     samples: dict[str, list[np.ndarray]] = {}
-    for hr_file, _ in tqdm(units, desc="etl radiometry", unit="img", disable=None):
-        try:
-            with open_image(hr_file, params) as image:
-                if image.kind != "8bit":  # 8-bit is always 0..255
-                    sample = training_sample(image, hr_file.key, params, splits)
-                    if sample is not None:
-                        samples.setdefault(image.kind, []).append(sample)
-        except (ImageDecodeError, OSError):
-            continue  # the tiling pass skips it and reports why
+    for _, found in tasks.run(partial(_sample_source, params, splits), units, cluster=cluster,
+                              desc="etl radiometry", names=[hr.key for hr, _ in units]):
+        if found is not None and not isinstance(found, tasks.Failed):  # failures: the tiling pass reports them
+            samples.setdefault(found[0], []).append(found[1])
     spec, record = percentile_spec(params, samples)
     log.info("radiometry: %s", {k: r.to_config() for k, r in spec.radiometry.items() if k in record})
     return spec, record
+
+
+def _sample_source(params: EtlParams, splits: SplitAssigner, unit) -> tuple[str, np.ndarray] | None:
+    hr_file, _ = unit
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=raster.GDAL_CACHE_MB), open_image(hr_file, params) as image:
+            if image.kind != "8bit":  # 8-bit is always 0..255
+                sample = training_sample(image, hr_file.key, params, splits)
+                return None if sample is None else (image.kind, sample)
+    except (ImageDecodeError, OSError):
+        pass  # the tiling pass skips it and reports why
+    return None
+
+
+@dataclass
+class _Part:
+    """What one source's task returns: its manifest record (None: skipped), skips, counts and part file."""
+
+    record: dict | None
+    skipped: list[dict]
+    counts: _Counts
+    path: str
+
+
+class _PartWriter:
+    """The rows of one source, in write order, streamed to a part file (all splits together)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: pq.ParquetWriter | None = None
+        self._rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        if len(self._rows) >= 256:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, SCHEMA, compression="none")
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA))
+        self._rows = []
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _tile_source(job: _Job, unit) -> _Part:
+    """The task of one source image (or HR/LR pair): its kept tiles' rows into a part file of the spool. The part
+    appears under its final name only when complete, so a task re-run after its worker died starts clean."""
+    hr_file, lr_file = unit
+    final = Path(job.spool) / f"{hashlib.sha256(hr_file.key.encode()).hexdigest()[:24]}.parquet"
+    attempt = final.with_suffix(f".{uuid.uuid4().hex[:8]}.partial")
+    sink = _PartWriter(attempt)
+    with ThreadPoolExecutor(os.cpu_count()) as pool, rasterio.Env(GDAL_CACHEMAX=raster.GDAL_CACHE_MB):
+        run = _Run(job.params, job.spec, job.splits, sink, pool, [])
+        try:
+            record = _process_unit(run, hr_file, lr_file)
+        finally:
+            sink.close()
+    if attempt.exists():
+        os.replace(attempt, final)
+    return _Part(record, run.skipped, run.counts, str(final))
+
+
+def _merge(part: _Part, writers: dict[str, SplitWriter], seen: dict[str, str], counts: _Counts) -> int:
+    """Append a source's rows to the split files in order, dropping tiles that repeat a tile kept from an earlier
+    source (the task dropped repeats within its own source). Returns how many of its tiles were dropped."""
+    path = Path(part.path)
+    if not path.exists():  # no tile kept
+        return 0
+    dropped, current, keep = 0, None, True
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            if row["tile_id"] != current:  # a tile's rows (one per scale) are consecutive
+                current = row["tile_id"]
+                keep = row["hr_sha256"] not in seen
+                if keep:
+                    seen[row["hr_sha256"]] = current
+                else:
+                    dropped += 1
+            if keep:
+                writers[row["split"]].add(row)
+    path.unlink()
+    counts.tiles_kept -= dropped
+    counts.dropped["duplicate"] += dropped
+    return dropped
 
 
 def _process_unit(run: _Run, hr_file, lr_file) -> dict | None:
@@ -378,7 +507,7 @@ def _tile_id(key: str, y: int, x: int) -> str:
 
 def _write_rows(run: _Run, key, kept, lr_image, pair_scale) -> None:
     """Make the LR tiles for `kept` and append one row per tile and scale, in raster then scale order."""
-    params, writers, pool = run.params, run.writers, run.pool
+    params, pool = run.params, run.pool
     size = params.tile_size
     for start in range(0, len(kept), LR_BATCH):
         batch = kept[start : start + LR_BATCH]
@@ -396,7 +525,7 @@ def _write_rows(run: _Run, key, kept, lr_image, pair_scale) -> None:
         for i, tile in enumerate(batch):
             for scale, lr_tiles in lr_by_scale.items():
                 lr = lr_tiles[i]
-                writers[tile.split].add({
+                run.sink.add({
                     "tile_id": _tile_id(key, tile.row * size, tile.col * size),
                     "source_id": key,
                     "group_id": tile.group,

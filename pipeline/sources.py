@@ -104,6 +104,7 @@ def _list_folder(root: Path) -> Listing:
     if not root.is_dir():
         raise SourceError(f"source {root} is not a folder; point etl.source at the folder that holds the images")
     files, ignored = [], Counter()
+    root = root.resolve()  # absolute paths: a cluster's workers run in another folder
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if any(part.startswith(".") for part in relative.parts) or not path.is_file():
@@ -140,6 +141,25 @@ def s3_client():
     return boto3.session.Session().client("s3", config=config)
 
 
+class _Client:
+    """The S3 client a source file reads with: the listing's in this process; after pickling (a task on a Dask
+    cluster's worker) a new one from the worker's own environment, since a boto3 client does not travel."""
+
+    def __init__(self, client=None) -> None:
+        self._client = client
+
+    def get(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._client = None
+
+
 def describe_s3_error(exc: Exception, bucket: str, endpoint: str | None) -> str:
     """A one-line, actionable message for an S3 failure on `bucket`."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
@@ -167,6 +187,7 @@ def _list_s3(uri: str) -> Listing:
 
     bucket, prefix = parse_s3_uri(uri)
     client = s3_client()
+    handle = _Client(client)
     files, ignored = [], Counter()
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -175,8 +196,8 @@ def _list_s3(uri: str) -> Listing:
                 if not key or key.endswith("/") or any(p.startswith(".") for p in key.split("/")):
                     continue
                 if _is_image(key):
-                    read = functools.partial(_read_s3_object, client, bucket, item["Key"])
-                    download = functools.partial(_download_s3_object, client, bucket, item["Key"])
+                    read = functools.partial(_read_s3_object, handle, bucket, item["Key"])
+                    download = functools.partial(_download_s3_object, handle, bucket, item["Key"])
                     files.append(SourceFile(key, int(item["Size"]), read, download=download))
                 else:
                     ignored[_suffix_of(key)] += 1
@@ -186,19 +207,21 @@ def _list_s3(uri: str) -> Listing:
     return Listing(f"s3://{bucket}/{prefix}", files, dict(sorted(ignored.items())))
 
 
-def _read_s3_object(client, bucket: str, key: str) -> bytes:
+def _read_s3_object(handle: _Client, bucket: str, key: str) -> bytes:
     from botocore.exceptions import BotoCoreError, ClientError
 
+    client = handle.get()
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except (ClientError, BotoCoreError) as exc:
         raise OSError(describe_s3_error(exc, bucket, client.meta.endpoint_url)) from None
 
 
-def _download_s3_object(client, bucket: str, key: str, out: BinaryIO) -> None:
+def _download_s3_object(handle: _Client, bucket: str, key: str, out: BinaryIO) -> None:
     """Stream an object into `out` (boto3's managed transfer: ranged parts, never the whole object in memory)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    client = handle.get()
     try:
         client.download_fileobj(bucket, key, out)
     except (ClientError, BotoCoreError) as exc:

@@ -109,7 +109,8 @@ def registered_candidate(version: Version, checkpoints: Path) -> Candidate:
 
 def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, str]:
     document = load_params(params_path)
-    model_params = {name: document[name] for name in document if name != "promote"}  # what made the model
+    # what made the model: not the gate's own section, nor `cluster` (where per-file work ran; the same bytes anywhere)
+    model_params = {name: document[name] for name in document if name not in ("promote", "cluster")}
     tags = {
         "candidate_id": candidate.id,
         "dataset_hash": candidate.dataset_hash,

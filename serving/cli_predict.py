@@ -55,12 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output pixels along a processing window's edge; memory is about PX^2 x bands x "
                              "12 bytes per window in flight (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="one task per file on a local Dask cluster of N worker processes, each loading the "
+                             "model once (default: %(default)s = in this process)")
+    parser.add_argument("--cluster", default=None, metavar="ADDRESS",
+                        help="one task per file on the Dask scheduler at ADDRESS, e.g. tcp://host:8786 (default: "
+                             "$HNDSR_DASK_ADDRESS when set); inputs and --out must be at the same paths on its workers")
 
 
 def main(args: argparse.Namespace) -> int:
+    from hndsr.tasks import Cluster
     from serving import runtime
     from serving.loader import ModelLoadError
-    from serving.predict import Options, PredictError, predict
+    from serving.predict import Options, PredictError, predict, predict_on_cluster
     from serving.settings import SettingsError, load_settings
 
     if args.steps is not None and args.steps < 0:
@@ -74,16 +81,21 @@ def main(args: argparse.Namespace) -> int:
         settings = load_settings(**overrides)
     except SettingsError as exc:
         raise PredictError(str(exc)) from None
-    try:
-        model, engine = runtime.start(settings)
-    except ModelLoadError as exc:
-        raise PredictError(f"cannot load the model: {exc}") from None
     options = Options(scale=args.scale, target_res=args.target_res, like=args.like, steps=args.steps, seed=args.seed,
                       bands=args.bands, window=args.window, uncertainty=args.uncertainty, overwrite=args.overwrite)
-    try:
-        results = predict(args.inputs, args.out, model, engine, options)
-    finally:
-        engine.close()
+    cluster = Cluster(address=args.cluster, workers=args.workers)
+    if cluster.distributed:
+        log.info("predict: one task per file on %s", cluster.describe())
+        results = predict_on_cluster(args.inputs, args.out, settings, options, cluster)
+    else:
+        try:
+            model, engine = runtime.start(settings)
+        except ModelLoadError as exc:
+            raise PredictError(f"cannot load the model: {exc}") from None
+        try:
+            results = predict(args.inputs, args.out, model, engine, options)
+        finally:
+            engine.close()
     failed = [r for r in results if r.error]
     print(f"predict: {len(results) - len(failed)} written to {args.out}, {len(failed)} failed"
           + "".join(f"\n  {r.source}: {r.error}" for r in failed))

@@ -29,6 +29,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -99,28 +100,65 @@ def find_inputs(paths: list[Path]) -> list[tuple[Path, Path]]:
 
 
 def predict(paths: list[Path], out_dir: Path, model: LoadedModel, engine: Engine, options: Options) -> list[Result]:
-    """Super-resolve every input into `out_dir`; a file that fails is reported and skipped."""
+    """Super-resolve every input into `out_dir` in this process; a file that fails is reported and skipped."""
+    return [predict_file(source, relative, out_dir, model, engine, options)
+            for source, relative in tqdm(find_inputs(paths), desc="predict", unit="file", disable=None)]
+
+
+def predict_file(source: Path, relative: Path, out_dir: Path, model: LoadedModel, engine: Engine,
+                 options: Options) -> Result:
+    """One input into `out_dir / relative` (GeoTIFF for rasters, PNG for images); errors come back in the Result."""
+    is_raster = source.suffix.lower() in RASTER_SUFFIXES
+    target = out_dir / relative.with_suffix(".tif" if is_raster else ".png")
+    result = Result(str(source))
+    if target.exists() and not options.overwrite:
+        result.error = f"{target} exists (use --overwrite to replace it)"
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if is_raster:
+                result.figures = predict_scene(source, target, model, engine, options)
+            else:
+                predict_image(source, target, model, engine, options)
+            result.output = str(target)
+        except (RasterError, ImageDecodeError, ValueError) as exc:
+            result.error = str(exc)
+    if result.error:
+        log.error("%s: skipped: %s", source, result.error)
+    return result
+
+
+def predict_on_cluster(paths: list[Path], out_dir: Path, settings, options: Options, cluster) -> list[Result]:
+    """`predict` with one task per file on a Dask cluster (hndsr.tasks): each worker process loads the model once
+    (from `settings`, as `hndsr serve` would) and writes its outputs itself, so `out_dir` and the inputs must be at
+    the same paths on every worker (a shared filesystem; local processes share this machine's). The outputs are
+    the bytes `predict` writes in one process."""
+    from hndsr import tasks
+
+    found = find_inputs(paths)
     results = []
-    for source, relative in find_inputs(paths):
-        is_raster = source.suffix.lower() in RASTER_SUFFIXES
-        target = out_dir / relative.with_suffix(".tif" if is_raster else ".png")
-        result = Result(str(source))
-        if target.exists() and not options.overwrite:
-            result.error = f"{target} exists (use --overwrite to replace it)"
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if is_raster:
-                    result.figures = predict_scene(source, target, model, engine, options)
-                else:
-                    predict_image(source, target, model, engine, options)
-                result.output = str(target)
-            except (RasterError, ImageDecodeError, ValueError) as exc:
-                result.error = str(exc)
-        if result.error:
-            log.error("%s: skipped: %s", source, result.error)
-        results.append(result)
+    for index, outcome in tasks.run(partial(_predict_task, settings, out_dir, options), found, cluster=cluster,
+                                    desc="predict", names=[str(source) for source, _ in found]):
+        if isinstance(outcome, tasks.Failed):
+            outcome = Result(str(found[index][0]), error=outcome.error)
+        results.append(outcome)
     return results
+
+
+_WORKER_MODEL: dict = {}  # in a cluster's worker process: settings -> (model, engine), loaded by its first task
+
+
+def _predict_task(settings, out_dir: Path, options: Options, item: tuple[Path, Path]) -> Result:
+    from serving import runtime
+
+    key = settings.model_dump_json()
+    if key not in _WORKER_MODEL:
+        for _, engine in _WORKER_MODEL.values():
+            engine.close()
+        _WORKER_MODEL.clear()
+        _WORKER_MODEL[key] = runtime.start(settings)
+    model, engine = _WORKER_MODEL[key]
+    return predict_file(item[0], item[1], out_dir, model, engine, options)
 
 
 def resolve_grid(dataset: rasterio.DatasetReader, model: LoadedModel, options: Options) -> tuple[float, Affine]:

@@ -17,16 +17,21 @@ from hndsr.splits import DataError, TileSet
 
 
 class CropSampler:
-    """Random training batches: HR crops (augmented) and their LR at one random scale per batch."""
+    """Random training batches: HR crops (augmented) and their LR at one random scale per batch.
+
+    Under torchrun every rank draws the same global batch of `batch_size` from the same seed and keeps its own
+    rows `part` = [start, stop) (training.distributed.shard): the ranks together train on exactly the batches one
+    process would, each computing a share."""
 
     def __init__(self, hr_tiles: TileSet, *, crop: int, batch_size: int, scale_range: tuple[float, float],
-                 seed: int) -> None:
+                 seed: int, part: tuple[int, int] | None = None) -> None:
         if crop > hr_tiles.pixels.shape[-1] or crop > hr_tiles.pixels.shape[-2]:
             raise DataError(f"crop {crop} is larger than the {hr_tiles.pixels.shape[-1]} px tiles; lower the crop size")
         self.hr_tiles = hr_tiles
         self.crop, self.batch_size = crop, batch_size
         self.scale_range = scale_range
         self.rng = random.Random(seed)
+        self.part = part or (0, batch_size)
 
     def hr_batch(self) -> torch.Tensor:
         """(B, C, crop, crop) float HR crops, randomly flipped and rotated."""
@@ -35,13 +40,17 @@ class CropSampler:
     def _crops(self) -> tuple[torch.Tensor, list[int]]:
         n, _, height, width = self.hr_tiles.pixels.shape
         crops, chosen = [], []
-        for _ in range(self.batch_size):
+        start, stop = self.part
+        for row in range(self.batch_size):
             i = self.rng.randrange(n)
             y, x = self.rng.randrange(height - self.crop + 1), self.rng.randrange(width - self.crop + 1)
+            flip, turns = self.rng.random() < 0.5, self.rng.randrange(4)
+            if not start <= row < stop:  # another rank's row: drawn, so every rank's stream stays the same
+                continue
             tile = self.hr_tiles.pixels[i, :, y : y + self.crop, x : x + self.crop]
-            if self.rng.random() < 0.5:
+            if flip:
                 tile = tile.flip(-1)
-            crops.append(torch.rot90(tile, self.rng.randrange(4), dims=(-2, -1)))
+            crops.append(torch.rot90(tile, turns, dims=(-2, -1)))
             chosen.append(i)
         return torch.stack(crops), chosen
 

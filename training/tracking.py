@@ -50,14 +50,22 @@ def stage_run(stage: str, *, experiment: str, tags: dict[str, str], params: dict
 
 
 @contextlib.contextmanager
-def trial_run(number: int, params: dict, tags: dict[str, str], *,
+def trial_run(number: int, params: dict, tags: dict[str, str], *, parent_run_id: str,
               stopped: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
-    """A nested run for one Optuna trial under the active stage run, with its sampled params. It ends FINISHED,
-    KILLED when the block raises one of `stopped` (a pruned trial: stopped on purpose, not a failure), else
-    FAILED."""
+    """A nested run for one Optuna trial under the stage's run `parent_run_id` (active in this process, or in
+    another one on another machine: a sweep's worker), with its sampled params. It ends FINISHED, KILLED when the
+    block raises one of `stopped` (a pruned trial: stopped on purpose, not a failure), else FAILED."""
     import mlflow
 
-    run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"trial": str(number), **tags})
+    active = mlflow.active_run()
+    if active is None:  # a worker: the parent runs elsewhere; its trials go to the parent's experiment
+        mlflow.set_tracking_uri(tracking_uri())
+        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{number}", parent_run_id=parent_run_id,
+                               tags={"trial": str(number), **tags})
+    else:
+        run = mlflow.start_run(run_name=f"trial-{number}", nested=True, parent_run_id=parent_run_id,
+                               tags={"trial": str(number), **tags})
     try:
         mlflow.log_params(_flatten(params))
         yield run.info.run_id
@@ -68,6 +76,45 @@ def trial_run(number: int, params: dict, tags: dict[str, str], *,
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run()
+
+
+def parent_run(run_id: str) -> str:
+    """The status of a stage's run a worker is about to join (RUNNING while its sweep is open); a clear error when
+    this machine's tracking server does not have it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from hndsr.errors import UserError
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        raise UserError(f"the sweep's stage run {run_id} is not in this machine's MLflow tracking store "
+                        f"{tracking_uri()}: point MLFLOW_TRACKING_URI at the tracking server the stage uses") from None
+
+
+def end_lost_run(run_id: str, reason: str) -> None:
+    """End the run of a trial whose worker is gone: FAILED, with the reason (called from any process)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    client.set_tag(run_id, "status", "failed")
+    client.set_tag(run_id, "error", reason[:500])
+    client.set_terminated(run_id, status="FAILED")
+
+
+def log_artifacts(folder: str | Path, artifact_path: str) -> None:
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)
+
+
+def download_artifacts(run_id: str, artifact_path: str, destination: str | Path) -> str:
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                               dst_path=str(destination), tracking_uri=tracking_uri())
 
 
 def set_tags(tags: dict[str, str]) -> None:

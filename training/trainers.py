@@ -34,12 +34,13 @@ from hndsr.networks import (
 )
 from hndsr.scheduler import DDIMConfig, DDIMScheduler
 from hndsr.splits import PairSet, TileSet
+from training import distributed
 from training.config import DiffusionExtras, StageParams
 from training.data import CropSampler
 
 log = logging.getLogger("hndsr.train")
 
-Report = Callable[[int, dict[str, float]], None]
+Report = Callable[[int, dict[str, float] | None], None]  # None: a torchrun rank other than 0 (rank 0 evaluates)
 PROBE = SamplingDefaults(steps=4, eta=0.0, temperature=0.5)  # cheap sampling used to score diffusion trials
 LATENT_WEIGHT = 0.1  # operator loss: pixel L1 + this x latent L1 to the encoded HR
 
@@ -91,7 +92,9 @@ def _frozen(network: nn.Module | None, device: torch.device) -> nn.Module:
 
 def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Context, sampler: CropSampler,
           loss_fn: Callable[[], torch.Tensor], evaluate: Callable[[], dict[str, float]], report: Report):
-    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting.
+    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting. Under torchrun
+    `loss_fn` runs the DistributedDataParallel module (`distributed.wrap`), so backward averages the gradients
+    over the ranks; `samples_per_s` counts the global batch.
 
     Each evaluation also reports the training throughput since the previous one (`samples_per_s`,
     optimisation steps only, evaluation excluded)."""
@@ -111,6 +114,10 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
         running.append(loss.item())  # .item() synchronises, so the timing covers the GPU work too
         train_seconds += time.perf_counter() - started
         if step % params.eval_every == 0 or step == params.iterations:
+            if not distributed.world().main:  # rank 0 evaluates and decides; this rank waits for the decision
+                running, train_seconds = [], 0.0
+                report(step, None)
+                continue
             network.eval()
             with torch.no_grad():
                 metrics = {"train_loss": sum(running) / len(running),
@@ -131,19 +138,23 @@ def train_autoencoder(params: StageParams, hp: dict, ctx: Context, report: Repor
     every = max(1, len(ctx.train_tiles) // 256)  # up to 256 tiles spread over the split, not its first rows
     network.fit_linear(ctx.train_tiles.pixels[::every].contiguous())
     network = network.to(ctx.device)
+    trained = distributed.wrap(network)
     sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
-                          scale_range=ctx.scale_range, seed=seed)
+                          scale_range=ctx.scale_range, seed=seed,
+                          part=distributed.shard(params.batch_size))
     val_hr = next(iter(ctx.val.values())).hr.to(ctx.device)
 
     def loss_fn():
         hr = sampler.hr_batch().to(ctx.device)
-        return F.mse_loss(network(hr).float(), hr)
+        return F.mse_loss(trained(hr).float(), hr)
 
     def evaluate():
         value = psnr(network(val_hr).float().clamp(0, 1), val_hr).mean().item()
         return {"val_score": value, "val_recon_psnr": value}
 
     history = _loop("autoencoder", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
+    if not history:  # a torchrun rank other than 0: it trained its share; rank 0 scores and keeps the result
+        return TrialResult(network.cpu().eval(), float("nan"), {})
     final = history[-1]
     return TrialResult(network.cpu().eval(), final["val_score"], {"val_recon_psnr": final["val_recon_psnr"]},
                        history)
@@ -167,13 +178,15 @@ def train_operator(params: StageParams, hp: dict, ctx: Context, report: Report, 
     config = model_config(OperatorConfig, params, hp, latent_channels=ae.config.latent_channels,
                           channels=ae.config.channels)
     network = NeuralOperator(config).to(ctx.device)
+    trained = distributed.wrap(network)
     sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
-                          scale_range=ctx.scale_range, seed=seed)
+                          scale_range=ctx.scale_range, seed=seed,
+                          part=distributed.shard(params.batch_size))
 
     def loss_fn():
         lr, hr, scale = sampler.batch()
         lr, hr = lr.to(ctx.device), hr.to(ctx.device)
-        prior = latent_prior(ae, network, lr, scale, hr.shape[-2:])
+        prior = latent_prior(ae, trained, lr, scale, hr.shape[-2:])
         with torch.no_grad():
             target = ae.encode(hr)
         return F.l1_loss(ae.decode(prior).float(), hr) + LATENT_WEIGHT * F.l1_loss(prior.float(), target.float())
@@ -182,6 +195,8 @@ def train_operator(params: StageParams, hp: dict, ctx: Context, report: Report, 
         return evaluate_by_scale(ctx, lambda lr, s, size: ae.decode(latent_prior(ae, network, lr, s, size)), "val_psnr")
 
     history = _loop("operator", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
+    if not history:
+        return TrialResult(network.cpu().eval(), float("nan"), {})
     final = {k: v for k, v in history[-1].items() if k.startswith("val_psnr")}
     return TrialResult(network.cpu().eval(), history[-1]["val_score"], final, history)
 
@@ -192,8 +207,11 @@ def train_diffusion(params: StageParams, hp: dict, ctx: Context, report: Report,
     scheduler = DDIMScheduler(DDIMConfig(extras.num_train_timesteps, extras.prediction_type))
     config = model_config(UNetConfig, params, hp, latent_channels=ae.config.latent_channels)
     network = DiffusionUNet(config).to(ctx.device)
+    trained = distributed.wrap(network)
+    start, stop = distributed.shard(params.batch_size)
     sampler = CropSampler(ctx.train_tiles, crop=params.crop, batch_size=params.batch_size,
-                          scale_range=ctx.scale_range, seed=seed)
+                          scale_range=ctx.scale_range, seed=seed,
+                          part=distributed.shard(params.batch_size))
     generator = torch.Generator().manual_seed(seed)
     model = HNDSR(ae, op, network, scheduler, min_scale=ctx.scale_range[0], max_scale=ctx.scale_range[1],
                   defaults=PROBE)
@@ -204,17 +222,21 @@ def train_diffusion(params: StageParams, hp: dict, ctx: Context, report: Report,
         with torch.no_grad():
             prior = latent_prior(ae, op, lr, scale, hr.shape[-2:])
             residual = ae.encode(hr) - prior  # (B, latent, H/2, W/2): what the prior is missing
-        timesteps = torch.randint(0, extras.num_train_timesteps, (hr.shape[0],), generator=generator)
-        noise = torch.randn(residual.shape, generator=generator).to(ctx.device)
+        # drawn for the global batch, so every rank's generator stays in step; this rank keeps its rows
+        timesteps = torch.randint(0, extras.num_train_timesteps, (params.batch_size,), generator=generator)
+        noise = torch.randn((params.batch_size, *residual.shape[1:]), generator=generator)
+        timesteps, noise = timesteps[start:stop], noise[start:stop].to(ctx.device)
         noisy = scheduler.add_noise(residual, noise, timesteps.to(ctx.device))
         target = residual if extras.prediction_type == "sample" else noise
         scales = torch.full((hr.shape[0],), scale, device=ctx.device)
-        return F.mse_loss(network(noisy, timesteps.to(ctx.device), prior, scales).float(), target)
+        return F.mse_loss(trained(noisy, timesteps.to(ctx.device), prior, scales).float(), target)
 
     def evaluate():
         return evaluate_by_scale(ctx, lambda lr, s, size: model.super_resolve(lr, s, size=size, seed=0), "val_psnr")
 
     history = _loop("diffusion", params, hp, network, ctx, sampler, loss_fn, evaluate, report)
+    if not history:
+        return TrialResult(network.cpu().eval(), float("nan"), {})
     final = {k: v for k, v in history[-1].items() if k.startswith("val_psnr")}
     return TrialResult(network.cpu().eval(), history[-1]["val_score"], final, history)
 

@@ -161,7 +161,11 @@ def _round_trip(project: Path, uri: str, name: str, realsat: Path, monkeypatch) 
     output = loaded.predict(frame)
     assert (int(output["height"][0]), int(output["width"][0])) == (100, 125)  # round_half_up(40*2.5, 50*2.5)
     expected = to_uint8(load_model(project / "models").super_resolve(to_tensor(pixels), 2.5, steps=2, seed=5))[0]
-    np.testing.assert_array_equal(_decode(output["image"][0]), expected)
+    # The same weights and code, but another path to them (the pyfunc decodes through hndsr.imagefile and runs under
+    # inference mode): a float32 result can move by an ulp, and a value on a rounding boundary then lands one level
+    # off (seen: 1 of 37,500 values). Allow exactly that on at most 0.05 % of the values, nothing more.
+    difference = np.abs(_decode(output["image"][0]).astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() <= 5e-4, (difference.max(), (difference > 0).sum())
 
 
 def test_registered_version_loads_by_alias_and_matches_checkpoints(make_project, mlflow_server, realsat,

@@ -1,4 +1,4 @@
-"""The Optuna study runner with real MLflow tracking (SQLite) and real storages (SQLite, PostgreSQL)."""
+"""The sweep runner with real MLflow tracking (SQLite) and real storages (SQLite, PostgreSQL)."""
 
 import uuid
 
@@ -7,9 +7,10 @@ import optuna
 import pytest
 import torch
 
+from hndsr.networks import NeuralOperator, OperatorConfig
 from training import tracking
 from training.config import SearchParam, StageParams
-from training.study import TrainingError, create_study, run_study
+from training.study import TrainingError, find_sweep, finish, start_sweep, work
 from training.trainers import TrialResult
 
 PARAMS = StageParams(n_trials=3, search={"lr": SearchParam(low=1e-4, high=1e-2, log=True)})
@@ -24,7 +25,19 @@ def mlflow_db(tmp_path, monkeypatch):
 
 
 def _result(score: float) -> TrialResult:
-    return TrialResult(torch.nn.Linear(1, 1), score, {"val_psnr_x2": score}, [{"step": 1, "val_score": score}])
+    network = NeuralOperator(OperatorConfig(width=4, modes=2, layers=1))
+    with torch.no_grad():
+        next(network.parameters()).fill_(score)  # tells the trials' networks apart
+    return TrialResult(network, score, {"val_psnr_x2": score}, [{"step": 1, "val_score": score}])
+
+
+def _sweep(params, storage, train, tags=None):
+    """One stage execution's sweep in this process: returns (best result, study, stage run id)."""
+    with tracking.stage_run("operator", experiment="test", tags={}, params={}) as run_id:
+        sweep = start_sweep("operator", params, storage, 5, {"parent_run": run_id})
+        work("operator", params, sweep, train, tags or {})
+        best, _, study = finish("operator", params, sweep)
+    return best, study, run_id
 
 
 def _children(uri: str, parent: str):
@@ -41,10 +54,10 @@ def test_failed_trials_are_recorded_and_the_best_completed_one_wins(mlflow_db, t
         report(1, {"val_score": float(seed), "train_loss": 1.0})
         return _result(float(seed))
 
-    with tracking.stage_run("operator", experiment="test", tags={}, params={}) as run_id:
-        study = create_study("operator", PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", run_id)
-        best = run_study("operator", PARAMS, study, train, tags={"dataset_hash": "d"})
+    best, study, run_id = _sweep(PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", train, {"dataset_hash": "d"})
     assert best.score == 2.0
+    # the best trial's network comes back from its run's artifact, bit for bit
+    assert torch.equal(next(best.network.parameters()), next(_result(2.0).network.parameters()))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
                                               optuna.trial.TrialState.COMPLETE]
     children = sorted(_children(mlflow_db, run_id), key=lambda r: int(r.data.tags["trial"]))
@@ -60,10 +73,8 @@ def test_every_trial_failing_is_an_error(mlflow_db, tmp_path):
         raise ValueError("bad input")
 
     expected = r"all 3 trials of operator failed; trial 0: ValueError: bad input"
-    with pytest.raises(TrainingError, match=expected), \
-            tracking.stage_run("operator", experiment="test", tags={}, params={}) as run_id:
-        study = create_study("operator", PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", run_id)
-        run_study("operator", PARAMS, study, train, tags={})
+    with pytest.raises(TrainingError, match=expected):
+        _sweep(PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", train)
 
 
 def test_pruner_stops_a_trial_that_falls_behind(mlflow_db, tmp_path):
@@ -72,9 +83,7 @@ def test_pruner_stops_a_trial_that_falls_behind(mlflow_db, tmp_path):
             report(step, {"val_score": 10.0 - seed * step})  # later trials fall behind
         return _result(10.0 - seed * 3)
 
-    with tracking.stage_run("operator", experiment="test", tags={}, params={}) as run_id:
-        study = create_study("operator", PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", run_id)
-        run_study("operator", PARAMS, study, train, tags={})
+    _, study, run_id = _sweep(PARAMS, f"sqlite:///{tmp_path / 'optuna.db'}", train)
     assert study.trials[1].state == optuna.trial.TrialState.PRUNED
     children = sorted(_children(mlflow_db, run_id), key=lambda r: int(r.data.tags["trial"]))
     assert {c.data.tags["status"] for c in children} == {"complete", "pruned"}
@@ -84,17 +93,31 @@ def test_pruner_stops_a_trial_that_falls_behind(mlflow_db, tmp_path):
     assert "lr" in pruned.data.params and pruned.data.tags["pruned_at_step"] in {"1", "2", "3"}
 
 
-def test_same_seed_same_suggestions(tmp_path):
+def test_same_seed_same_suggestions(mlflow_db, tmp_path):
     def suggestions(path):
-        study = create_study("s", PARAMS, f"sqlite:///{path}", "run")
-        return [study.ask().suggest_float("lr", 1e-4, 1e-2, log=True) for _ in range(3)]
+        seen = []
 
-    assert suggestions(tmp_path / "a.db") == suggestions(tmp_path / "b.db")
+        def train(hp, report, seed):
+            seen.append(hp["lr"])
+            report(1, {"val_score": 1.0})
+            return _result(1.0)
+
+        _sweep(PARAMS, f"sqlite:///{path}", train)
+        return seen
+
+    first = suggestions(tmp_path / "a.db")
+    assert first == suggestions(tmp_path / "b.db") and len(set(first)) == 3
 
 
 def test_unusable_storage_is_a_clear_error():
     with pytest.raises(TrainingError, match="cannot open the Optuna storage 'nosuchdb://x'"):
-        create_study("operator", PARAMS, "nosuchdb://x", "run")
+        start_sweep("operator", PARAMS, "nosuchdb://x", 5, {"parent_run": "run"})
+
+
+def test_password_is_not_shown_in_storage_errors():
+    with pytest.raises(TrainingError) as error:
+        start_sweep("operator", PARAMS, "postgresql://u:secret@127.0.0.1:1/x", 5, {"parent_run": "run"})
+    assert "secret" not in str(error.value) and "u:***@127.0.0.1:1" in str(error.value)
 
 
 @pytest.fixture
@@ -112,7 +135,7 @@ def postgres_url():
     admin.close()
 
 
-def test_study_on_postgresql_is_shared_by_name(mlflow_db, postgres_url):
+def test_a_named_study_runs_once_and_workers_find_open_sweeps(mlflow_db, postgres_url):
     params = StageParams(n_trials=2, search=PARAMS.search, study_name="shared-operator")
 
     def train(hp, report, seed):
@@ -120,10 +143,15 @@ def test_study_on_postgresql_is_shared_by_name(mlflow_db, postgres_url):
         return _result(1.0)
 
     with tracking.stage_run("operator", experiment="test", tags={}, params={}) as run_id:
-        run_study("operator", params, create_study("operator", params, postgres_url, run_id), train, tags={})
-    # A second worker (another machine) joins the same study by name and adds its trials.
-    with tracking.stage_run("operator", experiment="test", tags={}, params={}) as run_id:
-        run_study("operator", params, create_study("operator", params, postgres_url, run_id), train, tags={})
+        sweep = start_sweep("operator", params, postgres_url, 5, {"parent_run": run_id})
+        # open with queued trials: a worker of this stage (or of any stage) finds it; of another stage, not
+        assert find_sweep("operator", postgres_url, 5, 0).name == "shared-operator"
+        assert find_sweep(None, postgres_url, 5, 0).name == "shared-operator"
+        assert find_sweep("diffusion", postgres_url, 5, 0) is None
+        assert work("operator", params, sweep, train, {}) == 2
+        finish("operator", params, sweep)
+    assert find_sweep("operator", postgres_url, 5, 0) is None  # closed
     study = optuna.load_study(study_name="shared-operator", storage=postgres_url)
-    assert len(study.trials) == 4
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    with pytest.raises(TrainingError, match="'shared-operator' already exists .* a sweep runs once"):
+        start_sweep("operator", params, postgres_url, 5, {"parent_run": run_id})
