@@ -20,6 +20,7 @@ depend on the study's history and its number, not on which worker drew it.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -170,8 +171,8 @@ def find_sweep(stage: str | None, url: str, heartbeat_s: int, wait_s: float) -> 
             sweep = Sweep(storage, summary.study_name, info)
             if sweep.trials((TrialState.WAITING,)):
                 candidates.append((summary.datetime_start, sweep))
-        if candidates:
-            return max(candidates, key=lambda c: c[0])[1]
+        if candidates:  # the newest: a sweep none of whose trials has started yet counts as newer than any
+            return max(candidates, key=lambda c: c[0] or datetime.datetime.max)[1]
         if time.monotonic() >= deadline:
             return None
         if not said:

@@ -155,3 +155,13 @@ def test_a_named_study_runs_once_and_workers_find_open_sweeps(mlflow_db, postgre
     assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     with pytest.raises(TrainingError, match="'shared-operator' already exists .* a sweep runs once"):
         start_sweep("operator", params, postgres_url, 5, {"parent_run": run_id})
+
+
+def test_a_worker_joins_the_newest_open_sweep(mlflow_db, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    older = start_sweep("operator", PARAMS, storage, 5, {"parent_run": "a"})
+    optuna.load_study(study_name=older.name, storage=storage).ask()  # one of its trials has started
+    newer = start_sweep("operator", PARAMS, storage, 5, {"parent_run": "b"})  # none of its trials has
+    assert find_sweep("operator", storage, 5, 0).name == newer.name
+    newer.close()
+    assert find_sweep("operator", storage, 5, 0).name == older.name
