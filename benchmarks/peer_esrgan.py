@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hndsr.checkpoint import load_model
+from hndsr.checkpoint import STAGES, load_model, weights_hash
 from hndsr.metrics import psnr
-from hndsr.model import bicubic_upsample
+from hndsr.model import DIHEDRAL, bicubic_upsample
 from hndsr.splits import dataset_hash, load_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +65,10 @@ def main() -> None:
     parser.add_argument("--out", default="reports/peer_esrgan.json", help="where the figures go (default: %(default)s)")
     parser.add_argument("--images", type=Path, help="a folder of PNG/JPEG images to measure on instead (see above)")
     parser.add_argument("--crop", type=int, default=240, help="with --images: centre crop size (default: %(default)s)")
+    parser.add_argument("--self-ensemble", action="store_true",
+                        help="also score HNDSR's geometric self-ensemble (8 flips/turns averaged; 8x its time)")
+    parser.add_argument("--experiment", default="hndsr", help="MLflow experiment of the evaluate run that gains "
+                        "the ESRGAN figures (train.experiment; default: %(default)s)")
     args = parser.parse_args()
     if not (PEER / "node_modules").is_dir():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=PEER, check=True)
@@ -91,6 +95,14 @@ def main() -> None:
                                                   seed=args.seed + i, size=size).float()
                               for i in range(0, len(hr), args.batch_size)])
         ours_seconds = (time.perf_counter() - started) / len(hr)
+        ensemble = None
+        if args.self_ensemble:
+            started = time.perf_counter()
+            with torch.no_grad():
+                ensemble = torch.cat([model.super_resolve(pairs.lr[i:i + args.batch_size], scale, steps=steps,
+                                                          seed=args.seed + i, size=size, ensemble=DIHEDRAL).float()
+                                      for i in range(0, len(hr), args.batch_size)])
+            ensemble_seconds = (time.perf_counter() - started) / len(hr)
         lr_uint8 = (pairs.lr.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         theirs, peer_seconds = _peer(int(scale), lr_uint8)
         theirs = torch.from_numpy(theirs.copy()).permute(0, 3, 1, 2).float() / 255
@@ -104,13 +116,38 @@ def main() -> None:
                               "hndsr_seconds_per_tile": round(ours_seconds, 4),
                               "esrgan_seconds_per_tile": round(float(np.mean(peer_seconds)), 4)}
         r = rows[f"{scale:g}"]
+        if ensemble is not None:
+            r["hndsr_ensemble_gain"] = round(psnr(ensemble.clamp(0, 1), hr).mean().item() - bicubic, 4)
+            r["hndsr_ensemble_seconds_per_tile"] = round(ensemble_seconds, 4)
         print(f"| x{scale:g} | {len(hr)} | {bicubic:.2f} | {r['hndsr_gain']:+.2f} dB | {r['esrgan_gain']:+.2f} dB | "
               f"{ours_seconds:.3f} | {r['esrgan_seconds_per_tile']:.3f} |", flush=True)
-    report = {"split": args.split, "dataset_hash": dataset_hash(args.data), "hndsr_steps": steps,
+        if ensemble is not None:
+            print(f"|   self-ensemble | | | {r['hndsr_ensemble_gain']:+.2f} dB | | {ensemble_seconds:.3f} | |", flush=True)
+    digest = dataset_hash(args.data)
+    report = {"split": args.split, "dataset_hash": digest, "hndsr_steps": steps,
               "peer": "@upscalerjs/esrgan-thick 1.0.0, @tensorflow/tfjs 4.11.0 wasm, 1 thread", "scales": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"written to {args.out}")
+    if args.split == "test":
+        _add_to_evaluation(args, digest, rows)
+
+
+def _add_to_evaluation(args, digest: str, rows: dict) -> None:
+    """The evaluation report gains the peer's column: the evaluate run of this dataset and these weights in
+    MLflow gets esrgan_psnr_x<s> and esrgan_gain_x<s> beside its test_psnr_x<s>."""
+    from training import tracking
+
+    models = {stage: weights_hash(Path(args.models) / stage) for stage in STAGES}
+    metrics = {f"esrgan_{name}_x{scale}": row[f"esrgan_{name}"] for scale, row in rows.items()
+               for name in ("psnr", "gain")}
+    run_id = tracking.add_to_evaluation(experiment=args.experiment, dataset_hash=digest, models=models,
+                                        metrics=metrics, tags={"peer": "@upscalerjs/esrgan-thick 1.0.0"})
+    if run_id is None:
+        print("no evaluate run of this dataset and these weights in MLflow (run `dvc repro evaluate` first); "
+              "the figures are in the JSON only")
+    else:
+        print(f"ESRGAN's figures added to the evaluate run {run_id} in MLflow ({', '.join(sorted(metrics))})")
 
 
 def _psnr_8bit(output: np.ndarray, hr: np.ndarray, shave: int = 4) -> float:

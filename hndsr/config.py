@@ -28,7 +28,8 @@ def from_mapping(cls: type[T], data: Any, *, where: str) -> T:
     """Return `cls(**data)` with every value checked against the field's type annotation.
 
     `where` is the dotted path of `data` in its file (e.g. ``"etl"``), used in error messages.
-    Nested dataclasses, ``list[X]``, ``dict[str, X]`` and ``X | None`` are supported.
+    Nested dataclasses, ``list[X]``, ``dict[str, X]``, ``X | None`` and unions such as ``str | list[str]`` (the
+    first alternative that fits) are supported.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
@@ -53,9 +54,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"unsupported annotation {annotation!r} for {key}")
-        return _coerce(value, inner[0], key)
+        errors = []
+        for option in inner:  # e.g. `str | list[str]`: the first alternative the value fits
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {' or '.join(_describe(a) for a in inner)}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         return from_mapping(annotation, value, where=key)
     if origin is list:
@@ -85,3 +92,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is Any:
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0]).removeprefix('a ')}s"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return names.get(annotation, str(annotation))

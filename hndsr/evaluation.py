@@ -5,13 +5,14 @@ consistency of each output with its own LR (hndsr.consistency), which needs no H
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
 
 from hndsr.consistency import Consistency
 from hndsr.metrics import detail_ratio, psnr, ssim
-from hndsr.model import bicubic_upsample
+from hndsr.model import DIHEDRAL, bicubic_upsample
 from hndsr.splits import PairSet
 
 log = logging.getLogger("hndsr.evaluate")
@@ -33,11 +34,17 @@ def consistency_figures(consistency: Consistency) -> dict[str, float]:
 
 
 def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_size: int, device,
-          baselines: bool = True) -> dict:
+          baselines: bool = True, ensemble: bool = False, timings: dict[str, float] | None = None) -> dict:
     """Mean PSNR / SSIM / detail ratio of `model` on `test` ({scale: pairs}) per scale, as
-    {"<scale>": {"psnr", "ssim", "detail_ratio", "tiles", and with `baselines` the prior_* and bicubic_*}}.
+    {"<scale>": {"psnr", "ssim", "detail_ratio", "tiles", and with `baselines` the prior_* and bicubic_*}};
+    with `ensemble` also ensemble_* (the geometric self-ensemble over hndsr.model.DIHEDRAL).
     The batch starting at tile i samples with seed `seed + i`; noise is drawn on the CPU, so the figures do
-    not depend on the device."""
+    not depend on the device. `timings`, when given, gains the seconds spent in HNDSR ("plain") and in the
+    self-ensemble ("ensemble")."""
+    timings = {} if timings is None else timings
+    timings.setdefault("plain", 0.0)
+    if ensemble:
+        timings.setdefault("ensemble", 0.0)
     results = {}
     for scale, pairs in test.items():
         sums: dict[str, list[torch.Tensor]] = {}
@@ -46,7 +53,14 @@ def score(model, test: dict[float, PairSet], *, steps: int, seed: int, batch_siz
             lr = pairs.lr[i : i + batch_size].to(device)
             hr = pairs.hr[i : i + batch_size].to(device)
             size = hr.shape[-2:]
+            started = time.perf_counter()
             outputs = {"": model.super_resolve(lr, scale, steps=steps, seed=seed + i, size=size)}
+            timings["plain"] += time.perf_counter() - started
+            if ensemble:
+                started = time.perf_counter()
+                outputs["ensemble_"] = model.super_resolve(lr, scale, steps=steps, seed=seed + i, size=size,
+                                                           ensemble=DIHEDRAL)
+                timings["ensemble"] += time.perf_counter() - started
             if baselines:
                 outputs["prior_"] = model.super_resolve(lr, scale, steps=0, size=size)
                 outputs["bicubic_"] = bicubic_upsample(lr, size)

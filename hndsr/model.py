@@ -36,6 +36,24 @@ class SamplingDefaults:
     strength: float = 1.0  # share of the sampled residual added to the prior; 0 = the prior alone
 
 
+Transform = tuple[bool, int]  # (mirror left-right, then quarter turns counter-clockwise)
+IDENTITY: Transform = (False, 0)
+DIHEDRAL: tuple[Transform, ...] = tuple((flip, turns) for flip in (False, True) for turns in range(4))  # 8, identity first
+
+
+def apply_transform(x: torch.Tensor, transform: Transform) -> torch.Tensor:
+    """Mirror (last axis) then rotate the last two axes of `x`: (..., H, W) -> (..., H, W) or (..., W, H)."""
+    flip, turns = transform
+    return torch.rot90(x.flip(-1) if flip else x, turns, dims=(-2, -1))
+
+
+def undo_transform(x: torch.Tensor, transform: Transform) -> torch.Tensor:
+    """The inverse of `apply_transform`."""
+    flip, turns = transform
+    x = torch.rot90(x, -turns, dims=(-2, -1))
+    return x.flip(-1) if flip else x
+
+
 def bicubic_upsample(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The bicubic baseline (and the operator's input): (B, C, h, w) -> (B, C, *size), clamped to [0, 1]."""
     return F.interpolate(lr, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
@@ -108,18 +126,44 @@ class HNDSR(nn.Module):
                       seed: int | Sequence[int] | None = None, eta: float | None = None,
                       temperature: float | None = None, strength: float | None = None,
                       size: tuple[int, int] | None = None, clamp: bool = True,
-                      callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                      callback: Callable[[int, int], None] | None = None,
+                      ensemble: Sequence[Transform] | None = None) -> torch.Tensor:
         """HR image for `lr` (B, C, h, w) in [0, 1] at `scale`; `steps = 0` decodes the prior directly.
 
         Returns (B, C, H, W), with (H, W) = `size` or the size rule for `scale`, clamped to [0, 1] unless
         `clamp` is False (the promotion gate checks the raw decoder output). `seed` and `callback`: see
         `sample_residual`.
+
+        `ensemble` (geometric self-ensemble): run on each transformed LR (`DIHEDRAL`: the 8 flips and quarter
+        turns), transform each output back, and average them: the networks are not exactly equivariant (the
+        operator sees grid coordinates, convolutions pad at the edges), so the average cancels part of their
+        errors, at len(ensemble) times the cost. Every pass samples with the same `seed`; the callback counts
+        all passes' steps.
         """
         scale = self.check_scale(scale)
         steps = self.defaults.steps if steps is None else int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         height, width = size or output_size(lr, scale)
+        if ensemble is not None:
+            transforms = list(ensemble)
+            if not transforms or any(t not in DIHEDRAL for t in transforms):
+                raise ValueError(f"ensemble must list transforms of hndsr.model.DIHEDRAL, got {ensemble!r}")
+            passes = len(transforms)
+
+            def each(done: int, total: int, first: int = 0) -> None:
+                if callback is not None:
+                    callback(first * total + done, passes * total)
+
+            outputs = []
+            for index, transform in enumerate(transforms):
+                turned = transform[1] % 2 == 1  # a quarter turn swaps the output's height and width
+                out = self.super_resolve(apply_transform(lr, transform), scale, steps=steps, seed=seed, eta=eta,
+                                         temperature=temperature, strength=strength, clamp=clamp,
+                                         size=(width, height) if turned else (height, width),
+                                         callback=lambda d, t, i=index: each(d, t, i))
+                outputs.append(undo_transform(out, transform))
+            return torch.stack(outputs).mean(0) if passes > 1 else outputs[0]
         latent = self.prior(lr, scale, (height, width))
         if steps > 0:
             residual = self.sample_residual(

@@ -137,6 +137,9 @@ class EvaluateParams:
     seed: int = 0
     grid_tiles: int = 4  # test tiles in the sample grid image
     batch_size: int = 16
+    # Also score the geometric self-ensemble (8 flips/turns averaged, 8x the time; hndsr.model.DIHEDRAL) as
+    # ensemble_psnr/ensemble_ssim per scale and print its cost. The main figures (and the gate) stay plain.
+    self_ensemble: bool = False
 
 
 def load_common(path: str | Path) -> TrainCommon:

@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     cluster = tasks.load_cluster(args.params, workers=args.workers, address=args.cluster)
-    warn_if_untracked(params.source)
+    for source in params.sources:
+        warn_if_untracked(source)
     report = run_etl(params, args.out, cluster)
     print(report.summary(), flush=True)
     return 0

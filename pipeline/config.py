@@ -53,7 +53,7 @@ class RadiometryParams:
 class EtlParams:
     """What the ETL stage reads, how it tiles, and how it assigns splits (see params.yaml for each key)."""
 
-    source: str = "bluemarble"
+    source: str | list[str] = "bluemarble"  # one source, or a list of them (keys then prefixed by each's name)
     lr_source: str | None = None
     tile_size: int = 120
     scales: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0, 4.0])
@@ -72,8 +72,11 @@ class EtlParams:
     radiometry: RadiometryParams = field(default_factory=RadiometryParams)
 
     def __post_init__(self) -> None:
-        if not self.source.strip():
-            raise ConfigError("etl.source: must name a source: bluemarble, a folder, or s3://bucket/prefix")
+        if not self.sources or any(not s.strip() for s in self.sources):
+            raise ConfigError("etl.source: must name a source (bluemarble, a folder, or s3://bucket/prefix) or a "
+                              "list of them")
+        if self.lr_source is not None and self.sources != [self.source]:
+            raise ConfigError("etl.lr_source: paired LR images need a single etl.source, not a list")
         if self.lr_source is not None and self.source == "bluemarble":
             raise ConfigError("etl.lr_source: only a folder or s3:// source can have paired LR images")
         if self.tile_size < 8:
@@ -152,11 +155,16 @@ class EtlParams:
         return list(self.bands) if self.bands is not None else None
 
     @property
+    def sources(self) -> list[str]:
+        """`source` as a list: one entry, or every source of a list."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @property
     def effective_group_by(self) -> str:
         """`auto` means spatial blocks for the Blue Marble mosaic and whole images for everything else."""
         if self.group_by != "auto":
             return self.group_by
-        return "block" if self.source == "bluemarble" else "image"
+        return "block" if self.sources == ["bluemarble"] else "image"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -49,6 +49,7 @@ from pipeline.sources import (
     SourceError,
     SourceFile,
     list_source,
+    list_sources,
     pair_listings,
 )
 from pipeline.tiling import (
@@ -184,7 +185,7 @@ def run_etl(params: EtlParams, out_dir: str | Path, cluster: tasks.Cluster | Non
 
 
 def _list_units(params: EtlParams) -> tuple[list[tuple[SourceFile, SourceFile | None]], list, dict, str]:
-    listing = list_source(params.source)
+    listing = list_sources(params.sources)
     if params.lr_source is None:
         units = [(item, None) for item in listing.files]
         skipped, ignored, description = [], listing.ignored, listing.description

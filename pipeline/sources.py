@@ -11,6 +11,7 @@ one-line message; problems with a single file are the ETL's to skip and report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -69,7 +70,7 @@ class Listing:
 
 
 def list_source(uri: str) -> Listing:
-    """List the image files of `uri`: ``bluemarble``, a local folder, or ``s3://bucket/prefix``."""
+    """List the image files of `uri`: ``bluemarble``, a local folder or image file, or ``s3://bucket/prefix``."""
     if uri == BLUEMARBLE:
         return _list_bluemarble()
     if uri.startswith("s3://"):
@@ -77,6 +78,40 @@ def list_source(uri: str) -> Listing:
     if "://" in uri:
         raise SourceError(f"unsupported source {uri!r}: use bluemarble, a local folder, or s3://bucket/prefix")
     return _list_folder(Path(uri).expanduser())
+
+
+def list_sources(uris: list[str]) -> Listing:
+    """List one source as `list_source` does, or several as one listing whose keys start with each source's
+    folder name (a folder's or S3 prefix's last part; a single file's parent folder), e.g. ``realsat/a.png`` and
+    ``geotiff/b.tif``, so the same globs and group rules work on them."""
+    if len(uris) == 1:
+        return list_source(uris[0])
+    files, ignored, descriptions, owner = [], Counter(), [], {}
+    for uri in uris:
+        listing = list_source(uri)
+        name = source_name(uri)
+        for item in listing.files:
+            key = f"{name}/{item.key}"
+            if key in owner:
+                raise SourceError(f"etl.source lists {owner[key]} and {uri}, which both hold {key}; list each file "
+                                  "once and give folders with the same files different names")
+            owner[key] = uri
+            files.append(dataclasses.replace(item, key=key))
+        ignored.update(listing.ignored)
+        descriptions.append(listing.description)
+    return Listing(" + ".join(descriptions), sorted(files, key=lambda f: f.key), dict(sorted(ignored.items())))
+
+
+def source_name(uri: str) -> str:
+    """The name a source's keys start with in a list of sources: the last part of its folder or S3 prefix, a
+    single file's folder, ``bluemarble`` for the mosaic."""
+    if uri == BLUEMARBLE:
+        return BLUEMARBLE
+    if uri.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(uri)
+        return PurePosixPath(prefix).name or bucket
+    path = Path(uri).expanduser().resolve()
+    return path.parent.name if path.is_file() else path.name
 
 
 def _is_image(name: str) -> bool:
@@ -101,8 +136,12 @@ def _list_bluemarble() -> Listing:
 def _list_folder(root: Path) -> Listing:
     if not root.exists():
         raise SourceError(f"source folder {root} does not exist")
+    if root.is_file() and _is_image(root.name):  # one image file: a listing of it alone, keyed by its name
+        path = root.resolve()
+        return Listing(f"file {path}", [SourceFile(path.name, path.stat().st_size, path.read_bytes, path)], {})
     if not root.is_dir():
-        raise SourceError(f"source {root} is not a folder; point etl.source at the folder that holds the images")
+        raise SourceError(f"source {root} is neither a folder nor an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                          "point etl.source at the folder that holds the images")
     files, ignored = [], Counter()
     root = root.resolve()  # absolute paths: a cluster's workers run in another folder
     for path in sorted(root.rglob("*")):

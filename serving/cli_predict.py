@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "corners): e.g. a 10 m product's grid for a 20 m input")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's validated default; 0 = prior)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--self-ensemble", action="store_true",
+                        help="average the model over the 8 flips and quarter turns of every tile (geometric "
+                             "self-ensemble; about 8x the time; `hndsr evaluate` with evaluate.self_ensemble prints "
+                             "what it gains). Same as HNDSR_SELF_ENSEMBLE=1")
     parser.add_argument("--bands", type=_bands, metavar="I,J,...",
                         help="1-based bands to feed the model, in its band order (default: every band but alpha)")
     parser.add_argument("--model", default=None, metavar="URI|DIR",
@@ -78,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         raise PredictError(f"--window must be at least 64 output pixels, got {args.window}")
     try:
         overrides = {"model_uri": args.model} if args.model else {}
+        if args.self_ensemble:
+            overrides["self_ensemble"] = True
         settings = load_settings(**overrides)
     except SettingsError as exc:
         raise PredictError(str(exc)) from None

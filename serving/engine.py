@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from hndsr.degradation import hr_size
-from hndsr.model import PAD_MULTIPLE
+from hndsr.model import DIHEDRAL, PAD_MULTIPLE
 from serving.acceleration import Acceleration
 
 log = logging.getLogger("hndsr.serving")
@@ -235,12 +235,13 @@ class LoadedModel:
 
 class Engine:
     def __init__(self, device: torch.device, *, pass_pixels: int = 1_000_000, overlap: int = 8, max_batch: int = 1,
-                 workers: int = 1, max_queue_pixels: int = 64_000_000,
+                 workers: int = 1, max_queue_pixels: int = 64_000_000, self_ensemble: bool = False,
                  on_batch: Callable[[int], None] | None = None) -> None:
         if not 2 <= overlap < TILE_EDGES[-1] // 2:
             raise ValueError(f"overlap must be in [2, {TILE_EDGES[-1] // 2}), got {overlap}")
         self.device, self.pass_pixels, self.overlap, self.max_batch = device, pass_pixels, overlap, max_batch
         self.max_queue_pixels = max_queue_pixels
+        self.ensemble = DIHEDRAL if self_ensemble else None  # every pass averaged over 8 flips/turns: 8x the work
         self._queue: queue.Queue[tuple[Job, int] | None] = queue.Queue()
         self._pending: list[tuple[Job, int]] = []
         self._waiting_foreground = 0  # tiles of client requests submitted and not yet in a pass
@@ -259,7 +260,7 @@ class Engine:
         return {"device": str(self.device), "pass_megapixels": self.pass_pixels / 1e6, "max_batch": self.max_batch,
                 "workers": len(self.workers),
                 "tile_overlap": self.overlap, "tile_edges": list(TILE_EDGES),
-                "max_queue_megapixels": self.max_queue_pixels / 1e6}
+                "max_queue_megapixels": self.max_queue_pixels / 1e6, "self_ensemble": self.ensemble is not None}
 
     # -- admission ----------------------------------------------------------------------------------------
 
@@ -407,7 +408,8 @@ class Engine:
 
         x = torch.from_numpy(lr).permute(0, 3, 1, 2).to(loaded.device)
         with torch.inference_mode(), loaded.acceleration.autocast(loaded.device):
-            hr = self._sampler(loaded).super_resolve(x, job0.scale, steps=job0.steps, seed=seeds, callback=check_deadline)
+            hr = self._sampler(loaded).super_resolve(x, job0.scale, steps=job0.steps, seed=seeds, callback=check_deadline,
+                                                     ensemble=self.ensemble)
         return list(hr.float().permute(0, 2, 3, 1).cpu().numpy())
 
     def _sampler(self, loaded: LoadedModel):

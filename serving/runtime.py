@@ -42,8 +42,10 @@ def start(settings: Settings, *, on_batch: Callable[[int], None] | None = None) 
     check_budget(model, pass_pixels, settings.tile_overlap)
     workers = acceleration.default_workers(settings.workers, device)
     engine = Engine(device, pass_pixels=pass_pixels, overlap=settings.tile_overlap, max_batch=max_batch,
-                    workers=workers, max_queue_pixels=settings.max_queue_pixels, on_batch=on_batch)
+                    workers=workers, max_queue_pixels=settings.max_queue_pixels,
+                    self_ensemble=settings.self_ensemble, on_batch=on_batch)
     log.info("engine on %s: passes of up to %.2f output megapixels (an image whose output fits is one tile), "
-             "up to %d tiles per pass, %d passes in flight, tile overlap %d px", device, budget, max_batch,
-             workers, settings.tile_overlap)
+             "up to %d tiles per pass, %d passes in flight, tile overlap %d px%s", device, budget, max_batch,
+             workers, settings.tile_overlap,
+             ", self-ensemble on (8 passes per tile: 8x the time)" if settings.self_ensemble else "")
     return model, engine

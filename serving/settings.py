@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     max_steps: Positive = 50
     pass_megapixels: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
     tile_overlap: Annotated[int, Field(ge=2, le=64)] = 8
+    self_ensemble: bool = False  # average the 8 flips/turns of every pass (hndsr.model.DIHEDRAL): 8x the compute
     max_batch: Positive | Literal["auto"] = "auto"
     workers: Positive | Literal["auto"] = "auto"
     precision: Literal["auto", "float32"] = "auto"

@@ -38,6 +38,8 @@ class StageParams:
     model: dict[str, Any] = field(default_factory=dict)
     search: dict[str, SearchParam] = field(default_factory=dict)
     study_name: str | None = None  # join an existing study (several workers); null: a new one per run
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved; 0 = off
+    hf_weight: float = 0.0  # operator only: weight of a high-frequency L1 term in its pixel loss; 0 = off
 
     def check(self, section: str) -> None:
         for key, value in (("n_trials", self.n_trials), ("iterations", self.iterations),
@@ -46,6 +48,10 @@ class StageParams:
                 raise ConfigError(f"{section}.{key}: must be at least 1, got {value}")
         if self.crop < 8 or self.crop % 4:
             raise ConfigError(f"{section}.crop: must be a multiple of 4 and at least 8, got {self.crop}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"{section}.ema: must be in [0, 1) (e.g. 0.999; 0 = off), got {self.ema}")
+        if not math.isfinite(self.hf_weight) or self.hf_weight < 0:
+            raise ConfigError(f"{section}.hf_weight: must be a number >= 0 (0 = off), got {self.hf_weight}")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"{section}.lr: must be a positive number, got {self.lr}")
         for name, space in self.search.items():
@@ -84,4 +90,6 @@ def load_stage(path: str | Path, stage: str) -> tuple[StageParams, DiffusionExtr
         extras = from_mapping(DiffusionExtras, raw.pop("sampling", {}) or {}, where=f"{name}.sampling")
     params = from_mapping(StageParams, raw, where=name)
     params.check(name)
+    if params.hf_weight and stage != "operator":
+        raise ConfigError(f"{name}.hf_weight: only the operator's pixel loss has a high-frequency term; remove it")
     return params, extras

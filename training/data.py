@@ -13,6 +13,7 @@ import random
 import torch
 
 from hndsr.degradation import degrade, lr_size
+from hndsr.model import apply_transform
 from hndsr.splits import DataError, TileSet
 
 
@@ -48,9 +49,7 @@ class CropSampler:
             if not start <= row < stop:  # another rank's row: drawn, so every rank's stream stays the same
                 continue
             tile = self.hr_tiles.pixels[i, :, y : y + self.crop, x : x + self.crop]
-            if flip:
-                tile = tile.flip(-1)
-            crops.append(torch.rot90(tile, turns, dims=(-2, -1)))
+            crops.append(apply_transform(tile, (flip, turns)))  # aerial imagery has no "up": 8 orientations
             chosen.append(i)
         return torch.stack(crops), chosen
 

@@ -94,6 +94,31 @@ def parent_run(run_id: str) -> str:
                         f"{tracking_uri()}: point MLFLOW_TRACKING_URI at the tracking server the stage uses") from None
 
 
+def add_to_evaluation(*, experiment: str, dataset_hash: str, models: dict[str, str],
+                      metrics: dict[str, float], tags: dict[str, str]) -> str | None:
+    """Add `metrics` and `tags` to the newest `evaluate` run of this dataset and these weights ({stage: sha256},
+    as eval.json's `models`), so a figure measured later (a peer's, by a benchmark) sits beside the evaluation it
+    compares with in the MLflow UI. Returns that run's id, or None when no such run exists."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    conditions = ["tags.stage = 'evaluate'", f"tags.dataset_hash = '{dataset_hash}'",
+                  *(f"tags.{stage}_weights = '{digest}'" for stage, digest in sorted(models.items()))]
+    runs = client.search_runs([found.experiment_id], " and ".join(conditions), order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    return run_id
+
+
 def end_lost_run(run_id: str, reason: str) -> None:
     """End the run of a trial whose worker is gone: FAILED, with the reason (called from any process)."""
     import mlflow

@@ -11,6 +11,7 @@ sampling settings, averaged over scales.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -37,12 +38,25 @@ from hndsr.splits import PairSet, TileSet
 from training import distributed
 from training.config import DiffusionExtras, StageParams
 from training.data import CropSampler
+from training.ema import EMA
 
 log = logging.getLogger("hndsr.train")
 
 Report = Callable[[int, dict[str, float] | None], None]  # None: a torchrun rank other than 0 (rank 0 evaluates)
 PROBE = SamplingDefaults(steps=4, eta=0.0, temperature=0.5)  # cheap sampling used to score diffusion trials
 LATENT_WEIGHT = 0.1  # operator loss: pixel L1 + this x latent L1 to the encoded HR
+
+
+def high_pass(x: torch.Tensor) -> torch.Tensor:
+    """x minus its 3x3 local mean (reflect padding): the detail a smooth output lacks. (B, C, H, W) -> same."""
+    return x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), 3, stride=1)
+
+
+def pixel_loss(output: torch.Tensor, hr: torch.Tensor, hf_weight: float) -> torch.Tensor:
+    """L1, plus `hf_weight` x the L1 of the high-pass of both: L1 alone lets a slightly blurred output off
+    cheaply, since edges are a small share of the pixels."""
+    loss = F.l1_loss(output, hr)
+    return loss + hf_weight * F.l1_loss(high_pass(output), high_pass(hr)) if hf_weight else loss
 
 
 @dataclass
@@ -92,13 +106,15 @@ def _frozen(network: nn.Module | None, device: torch.device) -> nn.Module:
 
 def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Context, sampler: CropSampler,
           loss_fn: Callable[[], torch.Tensor], evaluate: Callable[[], dict[str, float]], report: Report):
-    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting. Under torchrun
+    """Shared optimisation loop: Adam with cosine decay, periodic evaluation and reporting. With `ema` in the
+    params, evaluations score the moving average of the weights and the network ends holding it. Under torchrun
     `loss_fn` runs the DistributedDataParallel module (`distributed.wrap`), so backward averages the gradients
     over the ranks; `samples_per_s` counts the global batch.
 
     Each evaluation also reports the training throughput since the previous one (`samples_per_s`,
     optimisation steps only, evaluation excluded)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=hp.get("lr", params.lr))
+    ema = EMA(network, params.ema) if params.ema else None
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=params.iterations)
     history, running, train_seconds = [], [], 0.0
     bar = tqdm(range(1, params.iterations + 1), desc=name, unit="it", leave=False, disable=None)
@@ -111,6 +127,8 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
         loss.backward()
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.update(network)
         running.append(loss.item())  # .item() synchronises, so the timing covers the GPU work too
         train_seconds += time.perf_counter() - started
         if step % params.eval_every == 0 or step == params.iterations:
@@ -119,7 +137,7 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
                 report(step, None)
                 continue
             network.eval()
-            with torch.no_grad():
+            with torch.no_grad(), ema.applied(network) if ema is not None else contextlib.nullcontext():
                 metrics = {"train_loss": sum(running) / len(running),
                            "samples_per_s": len(running) * params.batch_size / train_seconds, **evaluate()}
             running, train_seconds = [], 0.0
@@ -129,6 +147,8 @@ def _loop(name: str, params: StageParams, hp: dict, network: nn.Module, ctx: Con
                 log.info("%s: step %d/%d, train loss %.3g, validation %.4f, %.0f samples/s", name, step,
                          params.iterations, metrics["train_loss"], metrics["val_score"], metrics["samples_per_s"])
             report(step, metrics)
+    if ema is not None:  # the averaged weights are what the last evaluation scored and what the stage saves
+        ema.copy_to(network)
     return history
 
 
@@ -189,7 +209,8 @@ def train_operator(params: StageParams, hp: dict, ctx: Context, report: Report, 
         prior = latent_prior(ae, trained, lr, scale, hr.shape[-2:])
         with torch.no_grad():
             target = ae.encode(hr)
-        return F.l1_loss(ae.decode(prior).float(), hr) + LATENT_WEIGHT * F.l1_loss(prior.float(), target.float())
+        return (pixel_loss(ae.decode(prior).float(), hr, params.hf_weight)
+                + LATENT_WEIGHT * F.l1_loss(prior.float(), target.float()))
 
     def evaluate():
         return evaluate_by_scale(ctx, lambda lr, s, size: ae.decode(latent_prior(ae, network, lr, s, size)), "val_psnr")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hndsr.config import ConfigError
+from hndsr.config import ConfigError, from_mapping
 from pipeline.config import EtlParams, SplitRatios
 from pipeline.etl import EtlError, run_etl
 from pipeline.sources import SourceError
@@ -23,7 +23,7 @@ TRAIN_ONLY = SplitRatios(1.0, 0.0, 0.0)  # for folders of fewer images than spli
 
 def _params(source, **overrides) -> EtlParams:
     overrides.setdefault("splits", SplitRatios(0.6, 0.2, 0.2))
-    return EtlParams(source=str(source), **overrides)
+    return EtlParams(source=source if isinstance(source, list) else str(source), **overrides)
 
 
 def test_realsat_folder(realsat, tmp_path, dataset_checker):
@@ -267,3 +267,39 @@ def test_three_images_fill_three_splits_and_two_are_a_clear_error(realsat, tmp_p
 def test_enough_images_keep_the_hash_assignment(realsat, tmp_path):
     manifest = run_etl(_params(realsat), tmp_path / "out").manifest
     assert manifest["split_assignment"] == "hash"  # adding data never moves a group between splits
+
+
+def test_a_list_of_sources_is_one_folder_of_their_folders(realsat, geotiff, tmp_path):
+    """etl.source as a list (folders and single files): keys start with each source's folder name, and the dataset
+    is the one a folder holding those folders would give, byte for byte."""
+    files = [realsat / "landsat8_grenada.png", realsat / "korea_snowy_mountain_road.png",
+             realsat / "naip_northdakota_2010.png"]
+    picked = tmp_path / "picked" / "realsat"
+    picked.mkdir(parents=True)
+    for path in files:
+        shutil.copy(path, picked / path.name)
+    (tmp_path / "picked" / "geotiff").mkdir()
+    shutil.copy(geotiff / "landsat7_rgb_byte_nodata.tif", tmp_path / "picked" / "geotiff")
+    listed = run_etl(_params([str(picked), str(geotiff / "landsat7_rgb_byte_nodata.tif")]), tmp_path / "a").manifest
+    whole = run_etl(_params(tmp_path / "picked"), tmp_path / "b").manifest
+    assert sorted(s["id"] for s in listed["sources"]) == [
+        "geotiff/landsat7_rgb_byte_nodata.tif", "realsat/korea_snowy_mountain_road.png",
+        "realsat/landsat8_grenada.png", "realsat/naip_northdakota_2010.png"]
+    assert listed["dataset_hash"] == whole["dataset_hash"]
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
+
+
+def test_bad_lists_of_sources_say_what_to_fix(realsat, tmp_path):
+    with pytest.raises(ConfigError, match=r"etl\.source: expected a string or a list of strings, got 5"):
+        from_mapping(EtlParams, {"source": 5}, where="etl")
+    with pytest.raises(ConfigError, match="paired LR images need a single etl.source"):
+        EtlParams(source=[str(realsat), str(tmp_path)], lr_source=str(tmp_path))
+    twin = tmp_path / "other" / "realsat"
+    twin.mkdir(parents=True)
+    shutil.copy(realsat / "landsat8_grenada.png", twin)
+    with pytest.raises(SourceError, match="both hold realsat/landsat8_grenada.png"):
+        run_etl(_params([str(realsat), str(twin)]), tmp_path / "out")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(SourceError, match="is neither a folder nor an image file"):
+        run_etl(_params([str(realsat), str(tmp_path / "notes.txt")]), tmp_path / "out")

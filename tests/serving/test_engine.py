@@ -262,3 +262,23 @@ def test_background_work_is_not_admitted_and_yields_to_client_work(loaded):
         assert client.started - client.submitted < 30  # it waited one DDIM step, not 900
     finally:
         engine.close()
+
+
+def test_self_ensemble_averages_the_eight_orientations_of_each_pass(loaded):
+    """HNDSR_SELF_ENSEMBLE (`hndsr predict --self-ensemble`): the engine's pass is the model's self-ensemble."""
+    from hndsr.model import DIHEDRAL
+
+    image = np.random.default_rng(3).integers(0, 256, (24, 30, 3), dtype=np.uint8)
+    plain, ensemble = Engine(torch.device("cpu")), Engine(torch.device("cpu"), self_ensemble=True)
+    try:
+        assert ensemble.describe()["self_ensemble"] and not plain.describe()["self_ensemble"]
+        job = ensemble.submit(loaded, RGB.image_to_model(image), 2.5, 2, 7, 60)
+        out = job.future.result(timeout=120)
+        x = torch.from_numpy(RGB.image_to_model(image)).permute(2, 0, 1)[None]
+        expected = loaded.model.super_resolve(x, 2.5, steps=2, seed=[_tile_seed(7, job.tiles[0])], ensemble=DIHEDRAL)
+        np.testing.assert_allclose(out, expected[0].permute(1, 2, 0).numpy(), atol=1e-6)
+        other = plain.submit(loaded, RGB.image_to_model(image), 2.5, 2, 7, 60).future.result(timeout=120)
+        assert np.abs(other - out).max() > 1e-3  # the ensemble is not the plain pass
+    finally:
+        plain.close()
+        ensemble.close()

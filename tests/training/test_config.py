@@ -8,7 +8,7 @@ from hndsr.params import load_common, load_evaluate
 from training.config import STAGE_NAMES, load_stage
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "profiles/gpu.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "profiles/gpu.yaml", "profiles/aerial.yaml"])
 def test_params_files_are_valid(path):
     common = load_common(path)
     assert common.scale_range[0] < common.scale_range[1]
@@ -41,6 +41,9 @@ def _params(tmp_path, **sections):
         ("train_operator", {"search": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, r"log range needs low > 0"),
         ("train_operator", {"itrations": 5}, r"train_operator\.itrations: unknown key"),
         ("train_diffusion", {"sampling": {"stepz": [4]}}, r"train_diffusion\.sampling\.stepz: unknown key"),
+        ("train_operator", {"ema": 1.0}, r"train_operator\.ema: must be in \[0, 1\)"),
+        ("train_operator", {"hf_weight": -1}, r"train_operator\.hf_weight: must be a number >= 0"),
+        ("train_autoencoder", {"hf_weight": 0.5}, r"train_autoencoder\.hf_weight: only the operator"),
     ],
 )
 def test_bad_training_params_name_the_key(tmp_path, section, values, message):
