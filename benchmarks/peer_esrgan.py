@@ -7,10 +7,13 @@ The peer is `@upscalerjs/esrgan-thick` 1.0.0 from npm (RRDN, trained on DIV2K ph
 package) on TF.js 4.11 with the WebAssembly backend, one thread (`benchmarks/peer_esrgan/run.js`; `npm ci` in
 that folder installs it from its lock file, and this script runs it when node_modules is missing). It has models
 for x2, x3 and x4, so the table covers the split's scales among those. Both methods get the same stored LR tiles
-(8-bit RGB) and are scored like `hndsr evaluate`: PSNR on RGB in [0, 1] over the whole tile, mean over tiles,
+(RGB; the peer takes 8 bits, so tiles of 16-bit or float data reach it rounded to 256 levels) and are scored like `hndsr evaluate`: PSNR on RGB in [0, 1] over the whole tile, mean over tiles,
 against the stored HR, with bicubic (the same `bicubic_upsample` evaluate uses) as the baseline. HNDSR runs with
 its validated default steps and evaluate's seed, in batches, on this machine's torch threads; the peer one tile
-at a time. Prints a table and writes `reports/peer_esrgan.json`.
+at a time. Prints a table and writes `reports/peer_esrgan.json`; on the test split it also adds ESRGAN's figures
+(`esrgan_psnr_x<s>`, `esrgan_gain_x<s>`) to the MLflow run of `hndsr evaluate` for the same dataset and weights,
+so the evaluation report shows the peer's column. `--self-ensemble` adds a row for HNDSR's geometric
+self-ensemble (8 flips/turns averaged) with its time.
 
 With `--images FOLDER` it measures instead as the issue that asked for this comparison did, on images no model
 here was trained on: centre crops of `--crop` px, LR made by Pillow's bicubic, bicubic baseline by Pillow, PSNR
