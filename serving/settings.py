@@ -15,6 +15,7 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_MAX_STEPS` | 50 | most DDIM steps a request may ask for |
 | `HNDSR_PASS_MEGAPIXELS` | `auto` | the memory budget: most output megapixels one forward pass works on; an image whose output fits is one tile (auto: 0.6 on CPU, measured by benchmarks/tile_budget.py; on CUDA half the free memory, measured at start-up) |
 | `HNDSR_TILE_OVERLAP` | 8 | least overlap between neighbouring tiles, LR pixels |
+| `HNDSR_SELF_ENSEMBLE` | false | average every pass over the 8 flips and quarter turns of its tile (geometric self-ensemble): about 8x the compute; `hndsr predict --self-ensemble` sets it |
 | `HNDSR_MAX_BATCH` | `auto` | most tiles per forward pass (auto: 1 on CPU, where batching measured slower; 8 on CUDA) |
 | `HNDSR_WORKERS` | `auto` | passes in flight per device (auto: 2 on CPU, measured 11 % more throughput than 1; 1 on CUDA); memory is up to workers x pass budget |
 | `HNDSR_PRECISION` | `auto` | `auto`: bfloat16 where the device has it and the start-up check passes; `float32`: always float32 |
