@@ -3,8 +3,9 @@
 Scenes of N x N pixels are mosaics of a real raster (default ../shared/data/geotiff/landsat8_rgb_uint16.tif,
 Landsat 8 true colour, 16-bit), mirrored tile by tile so no seam is a step, written window by window as tiled
 GeoTIFFs with that raster's CRS and a 60 m grid. Each size runs `hndsr predict` in its own process; its peak
-resident set (the kernel's ru_maxrss for that child) and wall time are printed. Memory flat in the scene size is
-what window-by-window reading and writing buys; the output size grows with N^2.
+resident set (the kernel's ru_maxrss for that child), wall time (including the Cloud-Optimized GeoTIFF's
+compression and overviews) and the output file's size against its raw pixels are printed. Memory flat in the
+scene size is what window-by-window reading and writing buys; the output size grows with N^2.
 
     python benchmarks/predict_scene.py                       # 2000, 8000 and 16000 px, x2, the model's steps
     python benchmarks/predict_scene.py --sizes 2000 4000 --steps 0
@@ -89,15 +90,20 @@ def main() -> None:
     args = parser.parse_args()
     print(f"predict_scene: mosaics of {args.source.name}, x{args.scale:g}, steps "
           f"{'model default' if args.steps is None else args.steps}, model {args.model}, {os.cpu_count()} CPUs")
-    print(f"{'scene px':>9} {'output MP':>10} {'seconds':>9} {'output MP/s':>12} {'peak RSS MiB':>13}")
+    print(f"{'scene px':>9} {'output MP':>10} {'seconds':>9} {'output MP/s':>12} {'peak RSS MiB':>13} "
+          f"{'file MB':>9} {'file/raw':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             scene = Path(tmp) / f"mosaic_{size}.tif"
             build_in_child(args.source, size, scene)
             seconds, peak = run(scene, Path(tmp) / "out", args)
             out_mp = round(size * args.scale) ** 2 / 1e6
-            print(f"{size:>9} {out_mp:>10.1f} {seconds:>9.1f} {out_mp / seconds:>12.3f} {peak / 2**20:>13.0f}",
-                  flush=True)
+            written = Path(tmp) / "out" / scene.name
+            with rasterio.open(written) as out:
+                raw = out.width * out.height * out.count * np.dtype(out.dtypes[0]).itemsize
+            file_mb = written.stat().st_size / 1e6
+            print(f"{size:>9} {out_mp:>10.1f} {seconds:>9.1f} {out_mp / seconds:>12.3f} {peak / 2**20:>13.0f} "
+                  f"{file_mb:>9.1f} {file_mb * 1e6 / raw:>9.2f}", flush=True)
             scene.unlink()
             for written in (Path(tmp) / "out").glob("*"):
                 written.unlink()

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from hndsr import cores
 from hndsr.config import ConfigError
 
 log = logging.getLogger("hndsr.tasks")
@@ -87,9 +88,7 @@ def _on_dask(fn, items, cluster: Cluster, desc: str, names: list[str]):
     logging.getLogger("distributed").setLevel(logging.WARNING)  # its per-worker start/stop lines; ours say what ran
     # Local workers share this machine's cores: each gets its share for torch and BLAS (Dask's default is one
     # thread, which would make one worker slower than this process).
-    threads = max(1, (os.cpu_count() or 1) // max(1, cluster.workers))
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), "OMP_NUM_THREADS": threads,
-               "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **cores.share_env(cluster.workers)}
     with dask.config.set({"distributed.scheduler.allowed-failures": cluster.allowed_failures,
                           "distributed.nanny.pre-spawn-environ": environ}):
         if cluster.scheduler:

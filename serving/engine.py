@@ -258,7 +258,7 @@ class Engine:
     def describe(self) -> dict:
         """The engine's limits, as /v1/model shows them."""
         return {"device": str(self.device), "pass_megapixels": self.pass_pixels / 1e6, "max_batch": self.max_batch,
-                "workers": len(self.workers),
+                "workers": len(self.workers), "threads": torch.get_num_threads(),
                 "tile_overlap": self.overlap, "tile_edges": list(TILE_EDGES),
                 "max_queue_megapixels": self.max_queue_pixels / 1e6, "self_ensemble": self.ensemble is not None}
 

@@ -9,8 +9,15 @@ multiples of the model's 4 px grid (no sub-pixel seams); for a scale with no suc
 px, the misplacement is logged and reported.
 
 The output: same CRS, the input's transform with the pixel size divided by the scale (same origin), same data
-type and bands, nodata kept (hndsr.raster), tiled and deflate-compressed; tags record the model version, scale,
-steps and seed. PNG and JPEG inputs give PNG outputs, as the server does.
+type and bands, nodata kept (hndsr.raster), written as a Cloud-Optimized GeoTIFF (512 px tiles, deflate,
+overviews): the windows go into an uncompressed tiled scratch file beside the target (blocks shared by two
+windows are rewritten in place there), which `raster.write_cog` then compresses block by block, each block once.
+Free disk beside the target: the output's uncompressed size while it runs. Tags record the model version,
+scale, steps, seed and the torch thread count. PNG and JPEG inputs give PNG outputs, as the server does.
+
+Repeatability: the same input, model, options, machine type and torch thread count give the same bytes. Another
+thread count (`--workers` N gives each worker its share of the cores) rounds some float sums differently; the
+outputs then differ by at most one level in a few values (README "Determinism").
 
 Consistency figures, per scene (`<name>.consistency.json`), need no high-resolution truth: the output is
 shrunk back with the degradation function (hndsr.degradation) and compared with the input on valid pixels:
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import torch
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
@@ -270,18 +278,20 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                                            engine.pass_pixels, engine.overlap)) for y, x in windows]
         seeds = [options.seed + k for k in range(max(1, options.uncertainty))]
         figures = Consistency(spec, dtype, len(indexes))
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp_unc = target.with_name(f".{target.stem}.uncertainty.tif.partial")
+        unc_target = target.with_name(f"{target.stem}.uncertainty.tif")
+        work, work_unc = (path.with_name(f".{path.name}.work") for path in (target, unc_target))
+        tmp, tmp_unc = (path.with_name(f".{path.name}.partial") for path in (target, unc_target))
+        threads = torch.get_num_threads()
         tags = {"HNDSR_MODEL_VERSION": str(model.info.get("version")), "HNDSR_MODEL_SOURCE": str(model.info.get("source")),
                 "HNDSR_SCALE": f"{scale:.10g}", "HNDSR_STEPS": str(steps), "HNDSR_SEED": str(options.seed),
-                "HNDSR_SOURCE": source.name}
+                "HNDSR_SOURCE": source.name, "HNDSR_THREADS": str(threads)}
         log.info("%s: %dx%d x%d %s -> %dx%d at x%.6g, %d windows of <= %d LR px (+%d halo), steps %d",
                  source.name, width, height, len(indexes), dtype, out_w, out_h, scale, len(windows), core, halo,
                  steps)
         try:
             with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=raster.GDAL_CACHE_MB), \
-                    rasterio.open(tmp, "w", **profile) as dst, \
-                    _uncertainty_file(tmp_unc, profile, options.uncertainty) as unc, \
+                    rasterio.open(work, "w", **raster.working_profile(profile)) as dst, \
+                    _uncertainty_file(work_unc, profile, options.uncertainty) as unc, \
                     tqdm(total=sum(tiles_per_window) * len(seeds), unit="tile", desc=source.name,
                          disable=None) as bar:
                 raster.copy_band_metadata(src, indexes, dst)
@@ -306,16 +316,18 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                         finish()
                 while pending:
                     finish()
-            os.replace(tmp, target)
+            raster.write_cog(work, tmp)
             if options.uncertainty:
-                os.replace(tmp_unc, target.with_name(f"{target.stem}.uncertainty.tif"))
+                raster.write_cog(work_unc, tmp_unc)
+                os.replace(tmp_unc, unc_target)
+            os.replace(tmp, target)
         finally:
-            for path in (tmp, tmp_unc):
+            for path in (work, work_unc, tmp, tmp_unc):
                 path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     report = {"source": str(source), "output": str(target), "model_version": model.info.get("version"),
               "scale": scale, "steps": steps, "seed": options.seed, "size": [out_w, out_h], "bands": len(indexes),
-              "dtype": dtype, "windows": len(windows), "window_misplacement_px": misplacement,
+              "dtype": dtype, "windows": len(windows), "window_misplacement_px": misplacement, "threads": threads,
               "seconds": round(seconds, 3), "output_megapixels_per_s": round(out_h * out_w / 1e6 / seconds, 4),
               "consistency": figures.summary(), "uncertainty_seeds": options.uncertainty or None}
     target.with_name(f"{target.stem}.consistency.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -328,7 +340,8 @@ class _uncertainty_file:
 
     def __init__(self, path: Path, profile: dict, seeds: int) -> None:
         self.path, self.seeds = path, seeds
-        self.profile = {**profile, "count": 1, "dtype": "float32", "nodata": -1.0, "predictor": 3}
+        self.profile = raster.working_profile({**profile, "count": 1, "dtype": "float32", "nodata": -1.0,
+                                               "photometric": "MINISBLACK"})
         self.dataset = None
 
     def __enter__(self):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.compare import digest
 from tests.test_stage_dependencies import undeclared_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +106,7 @@ def _shrink(project: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a whole pipeline twice (and forced): 80 s here
 def test_full_pipeline_tiny(project):
     params = _shrink(project)
     trace = project / "params-trace.jsonl"
@@ -173,6 +175,6 @@ def test_full_pipeline_tiny(project):
     assert _outputs(project) == before
 
 
-def _outputs(project: Path) -> dict[str, bytes]:
+def _outputs(project: Path) -> dict[str, str]:
     files = sorted((project / "metrics").glob("*")) + sorted((project / "models").rglob("model.safetensors"))
-    return {str(f.relative_to(project)): f.read_bytes() for f in files}
+    return {str(f.relative_to(project)): digest(f) for f in files}

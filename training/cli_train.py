@@ -26,13 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("--worker", action="store_true",
                         help="join open sweeps in the study storage (train.study_storage or HNDSR_STUDY_STORAGE) "
-                             "and run their queued trials; the stage's own process writes the result")
+                             "and run their queued trials; the stage's own process writes the result. A worker on "
+                             "the same machine as the stage shares its cores: give each process its share "
+                             "(train.threads, or OMP_NUM_THREADS=cores/processes), or both run several times slower")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="with --worker: how long to wait for a sweep with queued trials before exiting "
                              "(default: %(default)s; a worker for a whole `dvc repro` waits for each next stage)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from hndsr import cores
     from hndsr.params import load_common
 
     if not args.worker and args.stage is None:
@@ -43,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    "-m", "hndsr.cli", "train", *([args.stage] if args.stage else []), "--params", args.params,
                    *(["--worker", "--wait", str(args.wait)] if args.worker else [])]
-        print(f"hndsr train: {processes} processes (train.processes): {' '.join(command[1:])}", flush=True)
+        # each process its share of the cores, unless the user chose (torchrun's own default is 1 thread)
+        for name, value in cores.share_env(processes).items():
+            os.environ.setdefault(name, value)
+        print(f"hndsr train: {processes} processes (train.processes), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} "
+              f"each: {' '.join(command[1:])}", flush=True)
         os.execv(sys.executable, command)
     if args.worker:
         from training.stages import run_worker

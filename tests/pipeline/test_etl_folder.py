@@ -14,6 +14,7 @@ from hndsr.config import ConfigError, from_mapping
 from pipeline.config import EtlParams, SplitRatios
 from pipeline.etl import EtlError, run_etl
 from pipeline.sources import SourceError
+from tests.compare import assert_same_bytes, digests
 
 REALSAT_GROUPS = r"^(naip_northdakota|oam_kampala)_"
 
@@ -101,13 +102,13 @@ def _gif() -> bytes:
 def test_a_failed_run_leaves_the_previous_output_untouched(realsat, tmp_path):
     out = tmp_path / "out"
     run_etl(_params(realsat), out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = digests(out.iterdir())
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(EtlError, match=r"no usable image in folder .*: all 1 candidates were skipped"):
         run_etl(_params(bad), out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert digests(out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging folder left behind"
 
 
@@ -287,7 +288,7 @@ def test_a_list_of_sources_is_one_folder_of_their_folders(realsat, geotiff, tmp_
         "realsat/landsat8_grenada.png", "realsat/naip_northdakota_2010.png"]
     assert listed["dataset_hash"] == whole["dataset_hash"]
     for split in ("train", "val", "test"):
-        assert (tmp_path / "a" / f"{split}.parquet").read_bytes() == (tmp_path / "b" / f"{split}.parquet").read_bytes()
+        assert_same_bytes(tmp_path / "a" / f"{split}.parquet", tmp_path / "b" / f"{split}.parquet")
 
 
 def test_bad_lists_of_sources_say_what_to_fix(realsat, tmp_path):

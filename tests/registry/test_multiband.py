@@ -56,6 +56,7 @@ def _crop(source, window: Window) -> bytes:
         return memory.read()
 
 
+@pytest.mark.timeout(900)  # trains three stages and two servers' worth of work: 170 s here
 def test_four_band_model_trains_promotes_and_comes_back_as_4_band_geotiff(tmp_path, geotiff, mlflow_server,
                                                                           make_project):
     raw, project = tmp_path / "raw", tmp_path / "project"

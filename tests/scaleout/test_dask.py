@@ -1,6 +1,7 @@
 """Distributed ETL and batch prediction on Dask: a local cluster of two worker processes, and a cluster started
-with Dask's own `dask scheduler` / `dask worker` commands, give the same bytes as one process; a task whose
-worker is killed is retried (or, with no failure allowed, reported) while the others' results are kept."""
+with Dask's own `dask scheduler` / `dask worker` commands, give the same bytes as one process (prediction: as one
+process with the workers' thread count; with another count, within one level); a task whose worker is killed is
+retried (or, with no failure allowed, reported) while the others' results are kept."""
 
 import json
 import os
@@ -16,6 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from hndsr import cores
+from tests.compare import assert_close_rasters, assert_same_files
 from tests.conftest import REPO, free_port, stop_process
 from tests.scaleout.conftest import BIN, env, hndsr
 from tests.serving.test_server import write_model
@@ -34,8 +37,7 @@ def _params(folder: Path, source: Path, **etl) -> Path:
 
 
 def _same(a: Path, b: Path, names=OUTPUTS) -> None:
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), f"{name} differs"
+    assert_same_files(a, b, names)
 
 
 def _etl(folder: Path, out: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
@@ -168,18 +170,23 @@ def test_batch_prediction_on_two_local_workers_writes_the_same_bytes(tmp_path, r
     shutil.copy(geotiff / "landsat7_rgb_byte_nodata.tif", inputs / "scene.tif")
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     runs = {}
-    for name, args in (("one", []), ("two", ["--workers", "2"])):
+    # "one": one process with the thread count each of two workers gets; "default": torch's own count (the cores)
+    for name, args, threads in (("one", [], cores.share_env(2)), ("two", ["--workers", "2"], {}),
+                                ("default", [], {})):
         runs[name] = hndsr(tmp_path, "predict", str(inputs), "--out", name, "--scale", "2.5", "--model", str(model),
-                           "--window", "256", *args, MODEL_URI=str(model))
+                           "--window", "256", *args, MODEL_URI=str(model), **threads)
         assert runs[name].returncode == 1, runs[name].stderr[-3000:]  # one input failed, reported
         assert "5 written" in runs[name].stdout and "1 failed" in runs[name].stdout
         assert "broken.png" in runs[name].stdout
     written = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
     assert len(written) == 6 and {Path("scene.tif"), Path("scene.consistency.json")} <= set(written)
     images = [p for p in written if p.suffix != ".json"]
-    _same(tmp_path / "one", tmp_path / "two", images)
+    _same(tmp_path / "one", tmp_path / "two", images)  # the same thread count: the same bytes
+    for image in images:  # another thread count rounds some float sums differently: at most one level, rarely
+        assert_close_rasters(tmp_path / "default" / image, tmp_path / "one" / image, max_levels=1, max_share=1e-3)
     # the scene's report: the same figures, apart from where it was written and how long it took
     reports = [json.loads((tmp_path / run / "scene.consistency.json").read_text()) for run in ("one", "two")]
+    assert reports[1]["threads"] == cores.share(2)  # each local worker its share of the cores
     for report in reports:
         for key in ("output", "seconds", "output_megapixels_per_s"):
             report.pop(key)

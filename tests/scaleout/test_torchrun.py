@@ -2,6 +2,7 @@
 writes, the result repeats exactly, matches one process to rounding, and the checkpoint serves over HTTP."""
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
+from hndsr import cores
 from tests.conftest import REALSAT
 from tests.scaleout.conftest import env, hndsr, write_params
 from tests.serving.test_server import Server, post
@@ -49,7 +51,9 @@ def test_torchrun_two_processes_train_a_stage_that_serves(project, tmp_path):
     write_params(project, train={"processes": 2})
     again = hndsr(project, "train", "diffusion", "--params", "params.yaml")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 processes (train.processes)" in again.stdout
+    # each process its share of the cores (hndsr.cores), unless the environment already says
+    expected = os.environ.get("OMP_NUM_THREADS") or str(cores.share(2))
+    assert f"2 processes (train.processes), OMP_NUM_THREADS={expected} each" in again.stdout
     assert all(np.array_equal(two[k].numpy(), v.numpy()) for k, v in _weights(project).items())
     # the gradients are synchronised: two processes computing halves of each batch train what one process does
     one = _weights(single)

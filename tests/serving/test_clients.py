@@ -77,6 +77,7 @@ def test_keys_new_prints_the_key_once_and_an_entry_that_loads(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # waits out per-minute quota windows: 63 s here
 def test_two_clients_are_limited_independently(tmp_path):
     from tests.serving.test_server import Server, png, post, write_model
 

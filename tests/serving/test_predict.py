@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 from affine import Affine
+from rasterio.enums import MaskFlags
+from rasterio.io import MemoryFile
+from rio_cogeo.cogeo import cog_validate
 
 from hndsr.degradation import hr_size
 from tests.serving.test_server import write_model
@@ -77,6 +81,32 @@ def check_georeferenced_output(source: Path, output: Path, scale: float) -> None
         assert out.compression is not None
 
 
+def written_once_size(output: Path) -> int:
+    """Bytes of the output's pixels, mask and georeference written in one go into a Cloud-Optimized GeoTIFF with
+    the same options (GDAL's COG driver from an in-memory copy)."""
+    with rasterio.open(output) as src, rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as plain:
+        profile = {k: v for k, v in src.profile.items() if k not in ("compress", "predictor")}
+        with plain.open(**profile) as copy:
+            copy.write(src.read())
+            if src.nodata is None and MaskFlags.per_dataset in src.mask_flag_enums[0]:
+                copy.write_mask(src.dataset_mask())
+        with MemoryFile() as cog:
+            rasterio.shutil.copy(plain.name, cog.name, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES",
+                                 BLOCKSIZE="512", OVERVIEW_RESAMPLING="AVERAGE")
+            return len(cog.read())
+
+
+def check_cloud_optimized(output: Path) -> None:
+    """A valid COG (rio-cogeo's validator: tiled, overviews, the layout readers over HTTP expect) of at most 1.1x
+    the size of its pixels written once: windows that share a block must not leave dead space behind."""
+    valid, errors, _ = cog_validate(str(output), strict=True, quiet=True)  # warnings count as errors
+    assert valid, f"{output.name} is not a Cloud-Optimized GeoTIFF: {errors}"
+    with rasterio.open(output) as out:
+        assert out.overviews(1), f"{output.name} has no overviews"
+    size, once = output.stat().st_size, written_once_size(output)
+    assert size <= 1.1 * once, f"{output.name}: {size} bytes, {size / once:.2f}x its pixels written once ({once})"
+
+
 def test_every_real_geotiff_keeps_its_georeference_type_bands_and_nodata(geotiff, models, tmp_path):
     for name, bands in FILES.items():
         out = tmp_path / f"out{bands}"
@@ -85,6 +115,7 @@ def test_every_real_geotiff_keeps_its_georeference_type_bands_and_nodata(geotiff
                              "--window", "256", "--steps", "0")
         assert result.returncode == 0, result.stderr[-3000:]
         check_georeferenced_output(geotiff / name, out / name, 2.5)
+        check_cloud_optimized(out / name)  # 8-bit with nodata, 16-bit, 4-band, float64 reflectance
         report = json.loads((out / name.replace(".tif", ".consistency.json")).read_text())
         figures = report["consistency"]
         assert report["windows"] > 1 and report["scale"] == 2.5
@@ -181,6 +212,7 @@ def test_uncertainty_is_zero_without_diffusion_and_positive_with_it(geotiff, mod
         with rasterio.open(out / "landsat8_rgb_uint16.uncertainty.tif") as unc, rasterio.open(out / source.name) as sr:
             assert unc.count == 1 and unc.dtypes[0] == "float32" and unc.transform == sr.transform
             spreads[steps] = unc.read(1)
+        check_cloud_optimized(out / "landsat8_rgb_uint16.uncertainty.tif")
         # The main output is the first seed's, exactly what a run without --uncertainty gives.
         plain = run_predict(source, "--out", tmp_path / f"plain{steps}", "--scale", "2", "--model", models[3],
                             "--steps", steps)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from rasterio.io import MemoryFile
 
+from hndsr import cores
 from tests.serving.test_predict import FILES, RGBN, check_georeferenced_output
 from tests.serving.test_server import Server, write_model
 
@@ -22,7 +23,8 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("raster-servers")
     models = {3: write_model(root / "rgb", seed=0, local=True),
               4: write_model(root / "rgbn", seed=0, local=True, bands=RGBN, scales={"float": 10000.0})}
-    running = {bands: Server({"MODEL_URI": str(model), "HNDSR_PASS_MEGAPIXELS": "0.1"}, root)
+    # two servers side by side: each its share of the cores (hndsr.cores), as the README tells users
+    running = {bands: Server({"MODEL_URI": str(model), "HNDSR_PASS_MEGAPIXELS": "0.1", **cores.share_env(2)}, root)
                for bands, model in models.items()}
     try:
         for server in running.values():
