@@ -67,6 +67,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def verdict(mode: str, got: list[torch.Tensor], reference: list[torch.Tensor], min_psnr_db: float) -> dict:
+    """A mode's check record: passed when every output is finite and within `min_psnr_db` of float32. Every value
+    is JSON (an output holding NaN or infinity fails with that detail, never a NaN figure)."""
+    if not all(bool(torch.isfinite(a).all()) for a in got):
+        return {"mode": mode, "passed": False, "tolerance_db": min_psnr_db,
+                "detail": "its output on the reference input holds NaN or infinity"}
+    worst = min(psnr(a, b) for a, b in zip(got, reference, strict=True))
+    largest = max((a - b).abs().max().item() for a, b in zip(got, reference, strict=True))
+    return {"mode": mode, "passed": worst >= min_psnr_db,
+            "psnr_db": round(worst, 2) if math.isfinite(worst) else "identical",
+            "max_abs_diff_255": round(largest * 255, 2), "tolerance_db": min_psnr_db}
+
+
 def accelerate(model, device: torch.device, *, precision: str = "auto", compile: str = "auto",
                min_psnr_db: float = 45.0, max_batch: int = 1) -> Acceleration:
     """Choose and check the cheaper modes for `model` (an hndsr HNDSR on `device`, float32, contiguous);
@@ -96,17 +109,16 @@ def accelerate(model, device: torch.device, *, precision: str = "auto", compile:
             log.warning("%s: off (failed to run on the reference input: %s)", mode, reason)
             return False
         elapsed_ms = (time.perf_counter() - started) * 1000
-        worst = min(psnr(a, b) for a, b in zip(got, reference, strict=True))
-        largest = max((a - b).abs().max().item() for a, b in zip(got, reference, strict=True))
-        passed = worst >= min_psnr_db
-        chosen.checks.append({
-            "mode": mode, "passed": passed, "psnr_db": round(worst, 2) if math.isfinite(worst) else "identical",
-            "max_abs_diff_255": round(largest * 255, 2), "tolerance_db": min_psnr_db,
-            "scales": scales, "check_ms": round(elapsed_ms, 1), "float32_ms": round(float32_ms, 1)})
-        verdict = "on" if passed else "off (outside the tolerance)"
-        log.info("%s: %s; PSNR against float32 %.1f dB (tolerance %g dB) on the reference input at x%s", mode,
-                 verdict, worst, min_psnr_db, " and x".join(f"{s:g}" for s in scales))
-        return passed
+        record = verdict(mode, got, reference, min_psnr_db)
+        record.update(scales=scales, check_ms=round(elapsed_ms, 1), float32_ms=round(float32_ms, 1))
+        chosen.checks.append(record)
+        at = " and x".join(f"{s:g}" for s in scales)
+        if "psnr_db" not in record:
+            log.warning("%s: off (%s at x%s)", mode, record["detail"], at)
+        else:
+            log.info("%s: %s; PSNR against float32 %s dB (tolerance %g dB) on the reference input at x%s", mode,
+                     "on" if record["passed"] else "off (outside the tolerance)", record["psnr_db"], min_psnr_db, at)
+        return record["passed"]
 
     if precision == "auto":
         supported, why_not = bfloat16_supported(device)

@@ -24,11 +24,13 @@ def _bands(text: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Super-resolve images and whole scenes with the model the server runs, through the same engine. "
-        "A GeoTIFF gives a GeoTIFF: same CRS and origin, pixel size divided by the scale, same data type, bands "
-        "and nodata, read and written window by window (memory does not grow with the scene). PNG and JPEG give "
-        "PNG. Next to each raster output: NAME.consistency.json (the output shrunk back against the input: "
-        "RMSE per band, spectral angle, shift by phase correlation). Engine settings (HNDSR_PASS_MEGAPIXELS, "
-        "HNDSR_WORKERS, HNDSR_DEVICE, ...) are read from the environment as for `hndsr serve`.")
+        "A GeoTIFF gives a Cloud-Optimized GeoTIFF (512 px tiles, deflate, overviews): same CRS and origin, pixel "
+        "size divided by the scale, same data type, bands and nodata, read and written window by window (memory "
+        "does not grow with the scene; free disk for the uncompressed output is needed while it runs). PNG and "
+        "JPEG give PNG. Next to each raster output: NAME.consistency.json (the output shrunk back against the "
+        "input: RMSE per band, spectral angle, shift by phase correlation; the torch thread count, on which the "
+        "last bits depend). Engine settings (HNDSR_PASS_MEGAPIXELS, HNDSR_WORKERS, HNDSR_DEVICE, ...) are read "
+        "from the environment as for `hndsr serve`; OMP_NUM_THREADS sets the threads.")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
                         help="image files, or folders searched recursively for .tif/.tiff/.png/.jpg/.jpeg")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="one task per file on a local Dask cluster of N worker processes, each loading the "
-                             "model once (default: %(default)s = in this process)")
+                             "model once and using cores/N threads (default: %(default)s = in this process)")
     parser.add_argument("--cluster", default=None, metavar="ADDRESS",
                         help="one task per file on the Dask scheduler at ADDRESS, e.g. tcp://host:8786 (default: "
                              "$HNDSR_DASK_ADDRESS when set); inputs and --out must be at the same paths on its workers")

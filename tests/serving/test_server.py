@@ -194,7 +194,9 @@ def test_cheaper_arithmetic_falls_back_to_float32_eager_when_its_check_fails(mod
         checks = {c["mode"]: c for c in inference["checks"]}
         assert not checks["compile"]["passed"] and checks["compile"]["tolerance_db"] == 300, checks["compile"]
         log = s.log.read_text()
-        assert "compile: off (outside the tolerance)" in log
+        # (on a CPU where the compiled graph gives NaN, seen with ATEN_CPU_CAPABILITY=avx2, it says that instead)
+        assert ("compile: off (outside the tolerance)" in log
+                or "compile: off (its output on the reference input holds NaN or infinity" in log)
         assert not checks["bfloat16"]["passed"]
         if BF16:
             assert checks["bfloat16"]["psnr_db"] < 300 and "bfloat16: off (outside the tolerance)" in log
