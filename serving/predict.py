@@ -322,8 +322,8 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                 os.replace(tmp_unc, unc_target)
             os.replace(tmp, target)
         finally:
-            for path in (work, work_unc, tmp, tmp_unc):
-                path.unlink(missing_ok=True)
+            for path in (work, work_unc, tmp, tmp_unc, *(t.with_name(f"{t.name}.ovr.tmp") for t in (tmp, tmp_unc))):
+                path.unlink(missing_ok=True)  # (GDAL's COG driver builds overviews in NAME.ovr.tmp)
     seconds = time.perf_counter() - start
     report = {"source": str(source), "output": str(target), "model_version": model.info.get("version"),
               "scale": scale, "steps": steps, "seed": options.seed, "size": [out_w, out_h], "bands": len(indexes),
