@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  help="register the model in models/ and move the alias if it passes the gate")
     promote.add_argument("--report", default=None,
                          help="where the decision and every check go (default: reports/promotion.json, the "
-                              "pipeline's; with --version only the MLflow run and the version's tags record it)")
+                              "pipeline's; with --version or --to another alias, only the MLflow run and the version's tags record it)")
     promote.add_argument("--version", metavar="N",
                          help="gate registered version N again instead of the pipeline's model (its checkpoints "
                               "and test metrics come from the registry)")
@@ -97,7 +97,12 @@ def _promote(args) -> int:
         print("hndsr registry promote: error: --reason goes with --version N (the pipeline's promotion records "
               "its own evidence)", file=sys.stderr)
         return 2
-    report_path = args.report or (None if args.version else "reports/promotion.json")
+    from registry.config import load_promote
+
+    # reports/promotion.json is the pipeline's promote stage output: the production gate of the pipeline's model.
+    # A version by number, or a roll-out (--to candidate), writes it only when asked (--report).
+    to_production = args.to is None or args.to == load_promote(args.params).alias
+    report_path = args.report or ("reports/promotion.json" if args.version is None and to_production else None)
     report = promote(args.params, report_path, version=args.version, reason=args.reason, to=args.to)
     table = format_table(report)
     print(table)
@@ -247,11 +252,12 @@ def version_state(version, alias: str) -> str:
     """What a version is now, in one word: the alias it holds, rolled back (and not brought back), replaced (was
     promoted, later replaced), rejected (its latest gate run failed), or pending (never gated)."""
     tags = version.tags
+    backed_out = tags.get("canary.backed_out") == "true"
     if alias in version.aliases:
         return alias
-    if version.aliases:  # e.g. candidate: being rolled out
-        return ",".join(version.aliases)
-    if tags.get("canary.backed_out") == "true":
+    if version.aliases:  # e.g. candidate: being rolled out (or backed out by the servers while it holds the alias)
+        return ",".join(version.aliases) + (" (backed out)" if backed_out else "")
+    if backed_out:
         return "backed out"
     if tags.get("rolled_back") == "true":
         return "rolled back"
@@ -264,7 +270,8 @@ def version_state(version, alias: str) -> str:
 def format_table(report: dict) -> str:
     """The gate's checks as a Markdown table (also what CI writes to the job summary)."""
     rows = [[c["name"], "pass" if c["passed"] else "FAIL", c["detail"].replace("|", "/")] for c in report["checks"]]
-    before, after = (f"v{v}" if v else "none" for v in (report["production_before"], report["production_after"]))
+    before, after = (f"v{v}" if v else "none" for v in (report.get("target_before", report["production_before"]),
+                                                         report.get("target_after", report["production_after"])))
     lines = [f"Gate for {report['model']} v{report['version']}: **{report['decision']}** "
              f"({report['alias']}: {before} -> {after})", "",
              "| check | result | detail |", "| --- | --- | --- |"]

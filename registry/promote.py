@@ -41,7 +41,15 @@ from hndsr.provenance import git_commit
 from hndsr.reference import reference_input
 from registry import gate
 from registry.config import PromoteParams, load_promote
-from registry.store import Registry, RegistryError, Version, eval_tags, redact, scores_from_tags
+from registry.store import (
+    Registry,
+    RegistryError,
+    Version,
+    check_weights,
+    eval_tags,
+    redact,
+    scores_from_tags,
+)
 
 log = logging.getLogger("hndsr.registry")
 
@@ -95,12 +103,8 @@ def registered_candidate(version: Version, checkpoints: Path) -> Candidate:
     if not scores:
         raise RegistryError(f"version {version.version} carries no evaluation tags (eval.x<scale>.*): it was not "
                             "registered by `hndsr registry`; promote a pipeline candidate instead")
+    check_weights(version, checkpoints)
     weights = {stage: weights_hash(checkpoints / stage) for stage in STAGES}
-    recorded = {stage: tags.get(f"weights.{stage}") for stage in STAGES}
-    if weights != recorded:
-        changed = ", ".join(stage for stage in STAGES if weights[stage] != recorded[stage])
-        raise RegistryError(f"version {version.version}'s checkpoints in the registry differ from the weights it was "
-                            f"registered with ({changed}); the artifact store was altered: register a new version")
     evaluation = {"dataset_hash": tags.get("dataset_hash", ""), "steps": tags.get("eval.steps"),
                   "seed": tags.get("eval.seed"), "scales": scores}
     run_ids = {stage: tags.get(f"run_id.{stage}", "") for stage in STAGES}
@@ -215,7 +219,8 @@ def _production_scores(registry: Registry, production: str, candidate: Candidate
              production)
     test = load_pairs(common.data_dir, "test")
     with tempfile.TemporaryDirectory() as tmp:
-        production_model = load_model(registry.download_checkpoints(production, Path(tmp)))
+        production_model = load_model(registry.download_checkpoints(production, Path(tmp),
+                                                                     verify=registry.get(production)))
     if production_model.data != local_model.data:  # other bands or radiometry: the pixels mean other things
         return None, candidate.scores, (
             f"cannot compare: production v{production} takes {production_model.data.describe()} with radiometry "
@@ -252,6 +257,10 @@ def promote(params_path: str | Path = "params.yaml", report_path: str | Path | N
             registered, created = register(registry, candidate, params_path, common.experiment)
         else:
             registered, created = registry.get(version), False
+            if registered.tags.get("canary.backed_out") == "true":
+                log.warning("v%s was backed out of a roll-out by the server on %s (%s); gating it again as asked",
+                            version, registered.tags.get("canary.backed_out.at", "?"),
+                            registered.tags.get("canary.backed_out.reason", "no reason recorded"))
             candidate = registered_candidate(registered, registry.download_checkpoints(version, Path(tmp)))
             local_model = load_model(candidate.models_dir)
         try:
@@ -313,7 +322,7 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
               gate.registered_copy(local_model, registered, params, version),
               gate.outputs_in_range(registered, params),
               gate.latency(registered, params)]
-    before = registry.alias_version(params.alias)
+    before, target_before = registry.alias_version(params.alias), registry.alias_version(target)
     decision, moved_from = "rejected", None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         production = registry.alias_version(params.alias)
@@ -359,6 +368,7 @@ def _gate(registry: Registry, params: PromoteParams, candidate: Candidate, local
         "decision": decision,
         "reasons": reasons, "checks": [c.to_dict() for c in checks],
         "production_before": before, "production_after": after, "replaced": moved_from,
+        "target_before": target_before, "target_after": registry.alias_version(target) if canary else after,
         "candidate": {"id": candidate.id, "dataset_hash": candidate.dataset_hash, "weights": candidate.weights,
                       "training_runs": candidate.run_ids},
         "tracking_uri": redact(registry.uri), "requested": {"version": version, "reason": reason} if explicit else None,

@@ -42,6 +42,36 @@ class RegistryError(UserError, RuntimeError):
     """The registry cannot do what was asked; the message says why and what to do."""
 
 
+class IntegrityError(RegistryError):
+    """A version's checkpoints are not the weights it was registered with (the artifact store was altered), or it
+    has no recorded hashes to check them against."""
+
+
+def weight_tags(checkpoints: Path) -> dict[str, str]:
+    """`weights.<stage>`: the SHA-256 of each stage's model.safetensors in `checkpoints`."""
+    from hndsr.checkpoint import STAGES, weights_hash
+
+    return {f"weights.{stage}": weights_hash(Path(checkpoints) / stage) for stage in STAGES}
+
+
+def check_weights(version: Version, checkpoints: Path) -> None:
+    """IntegrityError unless every weight file in `checkpoints` (a downloaded copy of `version`) has the SHA-256
+    recorded in the version's `weights.<stage>` tags at registration. Every load of a registered version (the
+    server, its hot reloads and roll-outs, `hndsr registry promote --version`) calls this before using them."""
+    found = weight_tags(checkpoints)
+    recorded = {key: version.tags.get(key) for key in found}
+    if not all(recorded.values()):
+        raise IntegrityError(f"version {version.version} has no recorded weight hashes (tags weights.<stage>): it was "
+                             "not registered by `hndsr registry`, so its weights cannot be checked; register it again")
+    changed = [key for key in recorded if found[key] != recorded[key]]
+    if changed:
+        stages = ", ".join(key.removeprefix("weights.") for key in changed)
+        raise IntegrityError(f"version {version.version}: the {stages} weights in the artifact store are not the ones "
+                             f"it was registered with (SHA-256 {found[changed[0]][:12]}, recorded "
+                             f"{recorded[changed[0]][:12]}): the artifact store was altered; restore its files or "
+                             "register a new version")
+
+
 @dataclass(frozen=True)
 class Version:
     """One registered model version, as the rest of the code sees it."""
@@ -176,11 +206,14 @@ class Registry:
     def register(self, checkpoints: Path, *, python_model: Path, experiment: str, tags: dict[str, str],
                  run_tags: dict[str, str], signature, input_example, pip_requirements: list[str]) -> Version:
         """Log `checkpoints` (a folder of the three stage checkpoints) with the pyfunc model-from-code file
-        `python_model` as the model of a new MLflow run, and register it as a new version with `tags`. If logging
+        `python_model` as the model of a new MLflow run, and register it as a new version with `tags` and the
+        SHA-256 of each weight file (`weights.<stage>`, checked by `check_weights` at every load). If logging
         fails, the run ends FAILED and nothing is registered."""
         import mlflow
 
         import hndsr
+
+        tags = {**tags, **weight_tags(checkpoints)}
 
         with self._run("register", experiment=experiment, tags=run_tags) as run_id:
             info = mlflow.pyfunc.log_model(
@@ -280,9 +313,10 @@ class Registry:
     def model_uri(self, version: str) -> str:
         return f"models:/{self.name}/{version}"
 
-    def download_checkpoints(self, version: str, destination: Path) -> Path:
+    def download_checkpoints(self, version: str, destination: Path, *, verify: Version | None = None) -> Path:
         """Download version `version`'s checkpoints (not its code) into `destination`; returns the folder
-        holding autoencoder/, operator/ and diffusion/."""
+        holding autoencoder/, operator/ and diffusion/. With `verify` (the version's record), the weights are
+        checked against its recorded hashes (`check_weights`) before they are returned."""
         import mlflow
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -300,6 +334,8 @@ class Registry:
                 raise RegistryError(f"{self.name} version {version} has no {CHECKPOINTS} artifact; it was not "
                                     "registered by `hndsr registry`")
             shutil.copytree(source, destination, dirs_exist_ok=True)
+        if verify is not None:
+            check_weights(verify, destination)
         return destination
 
     def _missing_local_artifacts(self, version: str) -> str | None:

@@ -117,25 +117,19 @@ async def _poll(state: State) -> None:
 
 
 async def _follow_production(state: State) -> None:
+    """Load the version the production alias points to now, if it is not the one served (runtime.load_version:
+    checked, and never retried at every poll when it fails)."""
     settings = state.settings
-    try:
-        version = await asyncio.to_thread(loader.current_version, settings.model_uri)
-        if version is None or state.model is None or version == str(state.model.info["version"]):
-            return
-        log.info("%s now points to version %s; loading it", settings.model_uri, version)
-        new = await asyncio.to_thread(loader.load, settings.model_uri, state.model.device, version=version,
-                                      **runtime.load_options(settings, state.engine.max_batch))
-        runtime.check_budget(new, state.engine.pass_pixels, settings.tile_overlap)
-        state.model = new  # requests admitted earlier keep the model they captured
-        state.metrics.set_model(new.info)
-        state.metrics.reloads.labels(outcome="loaded").inc()
-        log.info("now serving version %s", version)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # the old model keeps serving
-        state.metrics.reloads.labels(outcome="failed").inc()
-        log.error("hot reload failed, still serving version %s: %s",
-                  state.model.info["version"] if state.model else "?", exc)
+    version = await runtime.read_alias(state, settings.model_uri)
+    if version is None or state.model is None or version == str(state.model.info["version"]):
+        return
+    new = await runtime.load_version(state, settings.model_uri, version, "production")
+    if new is None:
+        return
+    state.model = new  # requests admitted earlier keep the model they captured
+    state.metrics.set_model(new.info)
+    state.metrics.reloads.labels(outcome="loaded").inc()
+    log.info("now serving version %s", version)
 
 
 async def _follow_canary(state: State) -> None:

@@ -4,10 +4,14 @@ Routing: a client (its named key, else its API key, else its address) hashes to 
 goes to the candidate when that point is below HNDSR_CANARY_WEIGHT. So a client always lands on the same version
 for a given weight, and raising the weight only adds clients to the candidate.
 
-Judging: every super-resolve outcome of either version goes into a sliding window (HNDSR_CANARY_WINDOW_S). Once
-the candidate has HNDSR_CANARY_MIN_REQUESTS in it, it is backed out when its server-error ratio exceeds
-production's by more than HNDSR_CANARY_MAX_ERROR_RATIO, or (with as many production requests too) when its p95
-seconds per output megapixel exceed production's times HNDSR_CANARY_MAX_LATENCY_RATIO.
+Judging: every super-resolve outcome of either version goes into a sliding window (HNDSR_CANARY_WINDOW_S); a
+server error is an inference failure or a passed deadline (504). Once the candidate has HNDSR_CANARY_MIN_REQUESTS
+in it, it is backed out when its server-error ratio exceeds production's by more than
+HNDSR_CANARY_MAX_ERROR_RATIO, or when, in a size band where both versions have HNDSR_CANARY_MIN_REQUESTS answers,
+its p95 seconds per output megapixel exceed production's times HNDSR_CANARY_MAX_LATENCY_RATIO. Latency is only
+compared like with like: a size band is a factor of 4 in output pixels (`size_band`), because the seconds per
+megapixel of a small image are mostly the fixed cost of a pass (a 16 px image's were measured at 6x a 128 px
+image's on the same version). Versions whose clients send sizes in different bands are not compared on latency.
 """
 
 from __future__ import annotations
@@ -24,11 +28,27 @@ def bucket(identity: str) -> float:
     return int.from_bytes(hashlib.sha256(f"hndsr-canary:{identity}".encode()).digest()[:8], "big") / 2.0**64
 
 
+BAND_FACTOR = 4  # a size band spans this factor in output pixels (2x in each side)
+
+
+def size_band(pixels: int) -> tuple[int, int]:
+    """The band of output pixel counts `pixels` falls in: [4^k, 4^(k+1)) as (low, high)."""
+    k = int(math.floor(math.log(max(pixels, 1), BAND_FACTOR) + 1e-9))
+    return BAND_FACTOR**k, BAND_FACTOR ** (k + 1)
+
+
+def _band_name(band: tuple[int, int]) -> str:
+    """A band by the square outputs it spans, e.g. "64x64-128x128 px" (4,096 to 16,383 output pixels)."""
+    low, high = (math.isqrt(edge) for edge in band)
+    return f"{low}x{low}-{high}x{high} px"
+
+
 @dataclass(frozen=True)
 class Outcome:
     at: float
     ok: bool  # False: a server error of this version (its inference failed or passed the deadline)
     s_per_megapixel: float | None  # queue + inference seconds per output megapixel, for answers
+    band: tuple[int, int] | None = None  # the size band of the answer's output (size_band)
 
 
 class Monitor:
@@ -40,7 +60,7 @@ class Monitor:
     def record(self, version: str, ok: bool, seconds: float | None = None, pixels: int | None = None) -> None:
         per_mp = seconds / (pixels / 1e6) if ok and seconds is not None and pixels else None
         outcomes = self._outcomes.setdefault(version, deque())
-        outcomes.append(Outcome(time.monotonic(), ok, per_mp))
+        outcomes.append(Outcome(time.monotonic(), ok, per_mp, size_band(pixels) if per_mp is not None else None))
         self._trim(outcomes)
 
     def _trim(self, outcomes: deque[Outcome]) -> None:
@@ -49,15 +69,20 @@ class Monitor:
             outcomes.popleft()
 
     def numbers(self, version: str) -> dict:
-        """The version's requests, server errors, error ratio and p95 seconds per output megapixel in the window."""
+        """The version's requests, server errors, error ratio and p95 seconds per output megapixel in the window,
+        overall and per size band (`bands`: answers and p95 per band, smallest first)."""
         outcomes = self._outcomes.get(version, deque())
         self._trim(outcomes)
         requests = len(outcomes)
         errors = sum(not o.ok for o in outcomes)
-        latencies = sorted(o.s_per_megapixel for o in outcomes if o.s_per_megapixel is not None)
-        p95 = latencies[min(len(latencies) - 1, math.ceil(0.95 * len(latencies)) - 1)] if latencies else None
+        by_band: dict[tuple[int, int], list[float]] = {}
+        for o in outcomes:
+            if o.s_per_megapixel is not None:
+                by_band.setdefault(o.band, []).append(o.s_per_megapixel)
         return {"requests": requests, "server_errors": errors, "error_ratio": errors / requests if requests else 0.0,
-                "p95_s_per_megapixel": p95}
+                "p95_s_per_megapixel": _p95([v for values in by_band.values() for v in values]),
+                "bands": {_band_name(band): {"answers": len(values), "p95_s_per_megapixel": _p95(values)}
+                          for band, values in sorted(by_band.items())}}
 
     def verdict(self, candidate: str, production: str) -> tuple[str, dict] | None:
         """(why, numbers) when the candidate should be backed out, else None."""
@@ -70,12 +95,21 @@ class Monitor:
             return (f"server errors in {cand['error_ratio']:.1%} of {cand['requests']} requests against production "
                     f"v{production}'s {prod['error_ratio']:.1%} of {prod['requests']} over {self.window_s:g} s "
                     f"(allowed: {self.max_error_ratio:.1%} more)"), numbers
-        if prod["requests"] >= self.min_requests and cand["p95_s_per_megapixel"] and prod["p95_s_per_megapixel"] \
-                and cand["p95_s_per_megapixel"] > self.max_latency_ratio * prod["p95_s_per_megapixel"]:
-            return (f"p95 {cand['p95_s_per_megapixel']:.3f} s per output megapixel against production "
-                    f"v{production}'s {prod['p95_s_per_megapixel']:.3f} s over {self.window_s:g} s "
-                    f"(allowed: x{self.max_latency_ratio:g})"), numbers
+        for band, theirs in cand["bands"].items():  # like with like: the same size band only
+            ours = prod["bands"].get(band)
+            if ours is None or min(theirs["answers"], ours["answers"]) < self.min_requests:
+                continue
+            if theirs["p95_s_per_megapixel"] > self.max_latency_ratio * ours["p95_s_per_megapixel"]:
+                return (f"p95 {theirs['p95_s_per_megapixel']:.3f} s per output megapixel against production "
+                        f"v{production}'s {ours['p95_s_per_megapixel']:.3f} s for outputs of {band} "
+                        f"({theirs['answers']} and {ours['answers']} answers over {self.window_s:g} s; allowed: "
+                        f"x{self.max_latency_ratio:g})"), numbers
         return None
 
     def forget(self, version: str) -> None:
         self._outcomes.pop(version, None)
+
+
+def _p95(values: list[float]) -> float | None:
+    values = sorted(values)
+    return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)] if values else None

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -29,6 +30,15 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found or loaded; the message says why."""
+
+
+class ModelIntegrityError(ModelLoadError):
+    """A registered version's weight files are not the ones it was registered with (or it has no recorded hashes):
+    it is never served, and retrying cannot help until the artifact store is restored."""
+
+
+class RegistryUnavailable(ModelLoadError):
+    """The registry could not be read (unreachable, or its database locked): nothing was loaded, nothing failed."""
 
 
 def pick_device(setting: str) -> torch.device:
@@ -62,13 +72,54 @@ def record_backout(model_uri: str, version: str, tags: dict[str, str]) -> None:
 
 
 def current_version(model_uri: str) -> str | None:
-    """The version an alias URI points to now (None for fixed versions and local folders)."""
+    """The version an alias URI points to now (None for fixed versions and local folders); RegistryUnavailable,
+    with the reason on one line, when the registry cannot be read now."""
     match = _MODELS_URI.match(model_uri)
     if not match or not match["alias"]:
         return None
     from registry.store import Registry
 
-    return Registry(match["name"]).alias_version(match["alias"])
+    with _registry_errors(match["name"]):
+        return Registry(match["name"]).alias_version(match["alias"])
+
+
+def backed_out(model_uri: str, version: str) -> str | None:
+    """Why registered `version` of MODEL_URI's model was backed out of a roll-out (its `canary.backed_out.reason`
+    tag, written by the server that backed it out), or None if it never was."""
+    match = _MODELS_URI.match(model_uri)
+    if not match:
+        return None
+    from registry.store import Registry
+
+    with _registry_errors(match["name"]):
+        tags = Registry(match["name"]).get(version).tags
+    if tags.get("canary.backed_out") != "true":
+        return None
+    return tags.get("canary.backed_out.reason") or "backed out of a roll-out"
+
+
+@contextlib.contextmanager
+def _registry_errors(name: str):
+    """Registry and database errors as RegistryUnavailable with their first line (never a traceback: a locked
+    SQLite database raises SQLAlchemy's OperationalError with some 60 lines)."""
+    from mlflow.exceptions import MlflowException
+
+    from registry.store import RegistryError
+
+    try:
+        yield
+    except (RegistryError, MlflowException, OSError) as exc:
+        raise RegistryUnavailable(f"{name}: {_first_line(exc)}") from None
+    except Exception as exc:  # SQLAlchemy errors of a database tracking URI (locked, gone)
+        if type(exc).__module__.startswith("sqlalchemy"):
+            raise RegistryUnavailable(f"{name}: the tracking database cannot be read now: {_first_line(exc)}") \
+                from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
 
 
 def load(model_uri: str, device: torch.device, *, version: str | None = None, precision: str = "auto",
@@ -114,7 +165,7 @@ def _load_checkpoints(checkpoints: Path, device: torch.device):
 def _load_registered(match: re.Match, device: torch.device, version: str | None) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
-    from registry.store import Registry, RegistryError, scores_from_tags
+    from registry.store import IntegrityError, Registry, RegistryError, scores_from_tags
 
     name, alias = match["name"], match["alias"]
     try:
@@ -125,10 +176,17 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
                                  "(`hndsr registry promote`)")
         registered = registry.get(version)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoints = registry.download_checkpoints(version, Path(tmp))
-            model = _load_checkpoints(checkpoints, device)
+            # Every weight file checked against the hashes recorded at registration before anything is built.
+            checkpoints = registry.download_checkpoints(version, Path(tmp), verify=registered)
+            try:
+                model = load_model(checkpoints).to(device)
+            except (CheckpointError, KeyError, ValueError) as exc:  # registered broken: no `dvc` advice applies
+                raise ModelLoadError(f"{name} version {version} cannot be loaded: {str(exc).split('; ')[0]}") \
+                    from None
+    except IntegrityError as exc:
+        raise ModelIntegrityError(f"{name} {exc}") from None
     except (RegistryError, MlflowException, OSError) as exc:  # unreachable, missing, or a failed download
-        message = str(exc)
+        message = _first_line(exc)
         raise ModelLoadError(message if message.startswith(f"{name} ") else f"{name}: {message}") from None
     tags = registered.tags
     info = {"name": name, "version": version, "alias": alias, "source": f"models:/{name}/{version}",

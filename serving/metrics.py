@@ -68,8 +68,14 @@ class Metrics:
                                        "client (HNDSR_API_KEYS_FILE) and status", ["client", "status"], registry=r)
         self.client_pixels = Counter("hndsr_client_output_pixels_total", "output pixels produced per named client",
                                      ["client"], registry=r)
-        self.reloads = Counter("hndsr_model_reloads_total", "hot reloads of the model by outcome (loaded, failed)",
-                               ["outcome"], registry=r)
+        self.reloads = Counter("hndsr_model_reloads_total", "hot reloads of the model by outcome (loaded; refused: "
+                               "its weights fail the integrity check; failed: any other reason)", ["outcome"],
+                               registry=r)
+        self.integrity_failures = Counter("hndsr_model_integrity_failures_total", "versions refused because a weight "
+                                          "file is not the one registered (artifact store altered)", ["version"],
+                                          registry=r)
+        self.registry_errors = Counter("hndsr_registry_errors_total", "polls that could not read the registry "
+                                       "(unreachable, database locked); nothing is reloaded then", registry=r)
         self.batch_size = Histogram("hndsr_batch_tiles", "tiles per forward pass", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32))
         self.model = Gauge("hndsr_model_info", "the model being served (value 1), with the arithmetic it runs in",

@@ -25,26 +25,41 @@ log = logging.getLogger("hndsr.serving")
 
 
 async def follow_canary(state: State) -> None:
-    """Load the version the roll-out alias points to (unless it is production, or this process backed it out);
-    drop the candidate when the alias is removed or moved to production."""
+    """Load the version the roll-out alias points to, unless it is production or was backed out (by this process,
+    or by any server before: the `canary.backed_out` tag on the version); drop the candidate when the alias is
+    removed or moved to production."""
     settings = state.settings
     uri = loader.alias_uri(settings.model_uri, settings.canary_alias)
     if uri is None or (settings.canary_weight <= 0 and settings.shadow_share <= 0) or state.model is None:
         return
-    version = await asyncio.to_thread(loader.current_version, uri)
+    version = await runtime.read_alias(state, uri)
     current = str(state.canary.info["version"]) if state.canary is not None else None
     if version is None or version == str(state.model.info["version"]):
-        if current is not None:
+        if current is not None and not state.registry_down:
             log.info("roll-out of version %s ended (%s %s); every client goes to production", current, uri,
                      "removed" if version is None else "now production")
             _drop(state, current)
         return
     if version == current or version in state.backed_out:
         return
-    log.info("%s points to version %s; loading it as the roll-out candidate", uri, version)
-    candidate = await asyncio.to_thread(loader.load, uri, state.model.device, version=version,
-                                        **runtime.load_options(settings, state.engine.max_batch))
-    runtime.check_budget(candidate, state.engine.pass_pixels, settings.tile_overlap)
+    # Backed out by this or another server (or before a restart): recorded on the version in the registry.
+    try:
+        why = await asyncio.to_thread(loader.backed_out, settings.model_uri, version)
+    except loader.RegistryUnavailable as exc:
+        log.warning("cannot read version %s's record from the registry; trying again at the next poll: %s", version,
+                    exc)
+        return
+    if why is not None:
+        state.backed_out[version] = why
+        log.warning("%s points to version %s, which was backed out of a roll-out (%s); not loading it: every "
+                    "client goes to production (move %s to another version to start a new roll-out)", uri, version,
+                    why, settings.canary_alias)
+        if current is not None:
+            _drop(state, current)
+        return
+    candidate = await runtime.load_version(state, uri, version, "roll-out candidate")
+    if candidate is None:
+        return
     if current is not None:
         _drop(state, current)
     state.canary, state.canary_weight = candidate, settings.canary_weight

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
@@ -18,6 +19,16 @@ from serving.metrics import Metrics
 from serving.settings import Settings, SettingsError
 
 T = TypeVar("T")
+
+
+@dataclass
+class LoadFailure:
+    """A version the hot reload could not load: why, how often, when to try again (never, if `permanent`)."""
+
+    reason: str
+    attempts: int
+    retry_at: float  # time.monotonic()
+    permanent: bool = False
 
 
 class State:
@@ -34,13 +45,15 @@ class State:
         # A gradual roll-out (serving/canary.py): the candidate version, the share of clients it gets now (0 once
         # backed out), the versions backed out (never loaded again by this process) and the outcome window.
         self.canary: LoadedModel | None = None
-        self.canary_weight = settings.canary_weight
+        self.canary_weight = 0.0  # settings.canary_weight once a candidate is loaded
         self.backed_out: dict[str, str] = {}
         self.background: set[asyncio.Task] = set()  # tasks kept alive until done (registry records, shadow runs)
         self.shadow_running = False  # one shadow run at a time
         self.monitor = Monitor(settings.canary_window_s, settings.canary_min_requests,
                                settings.canary_max_error_ratio, settings.canary_max_latency_ratio)
         self.engine: Engine | None = None
+        self.load_failures: dict[str, LoadFailure] = {}  # versions the hot reload could not load (serving/app.py)
+        self.registry_down = False  # the last poll could not read the registry
         self.ready = False
         self.draining = False  # SIGTERM came: new work gets 503, /readyz 503, requests in flight go on
         self.drain_over = asyncio.Event()  # the drain time ran out: requests still in flight are answered 503

@@ -131,8 +131,11 @@ async def _answer(request: Request, state: StateDep, upload, model, *, candidate
         raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
     try:
         output = await state.until_drained(asyncio.wrap_future(job.future))
-    except DeadlineExceeded as exc:
+    except DeadlineExceeded as exc:  # a server error of this version too: the candidate's is answered by production
         state.monitor.record(version, ok=False)
+        if candidate:
+            rollout.judge(state)
+            raise CandidateFailed() from exc
         raise ClientError(504, "deadline_exceeded", f"{exc} ({settings.deadline_s:g} s)") from None
     except ClientError:  # the shutdown drain ran out (State.until_drained)
         raise

@@ -486,6 +486,8 @@ def test_rollout_through_a_candidate_alias_then_abort_or_finish(make_project, ml
     started = registry_cli(good2, uri, "promote", "--to", "candidate")
     assert started.returncode == 0, started.stdout + started.stderr
     assert "v2 passed the gate; candidate -> v2" in started.stdout
+    assert "(candidate: none -> v2)" in started.stdout  # the alias it moved, not production's
+    assert not (good2 / "reports" / "promotion.json").exists()  # the pipeline's production gate report: untouched
     document = status(good2, uri)
     assert document["aliases"] == {"production": "1", "candidate": "2"}  # production did not move
     assert {v["version"]: v["state"] for v in document["versions"]} == {"2": "candidate", "1": "production"}
@@ -542,6 +544,10 @@ def test_rollout_through_a_candidate_alias_then_abort_or_finish(make_project, ml
     client.set_model_version_tag(name, "2", "canary.backed_out.reason", "server errors in 40% of 20 requests")
     refused = registry_cli(good2, uri, "rollout", "promote")
     assert refused.returncode == 1 and "backed out of the roll-out by the server" in refused.stderr
+    assert {v["version"]: v["state"] for v in status(good2, uri)["versions"]}["2"] == "candidate (backed out)"
+    warned = registry_cli(good2, uri, "promote", "--to", "candidate", "--version", "2", "--reason", "look again")
+    assert "v2 was backed out of a roll-out by the server on ? (server errors in 40% of 20 requests)" \
+        in warned.stderr, warned.stderr
     client.set_model_version_tag(name, "2", "canary.backed_out", "false")  # say it was a false alarm
     finished = registry_cli(good2, uri, "rollout", "promote", "--reason", "10 % for a day, no errors")
     assert finished.returncode == 0, finished.stdout + finished.stderr

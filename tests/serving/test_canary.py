@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from serving.canary import bucket
 from serving.clients import key_hash
 from tests.compare import sha
 from tests.serving.test_server import Server, png, post, write_model
@@ -191,5 +193,87 @@ def test_shadow_runs_leave_production_answers_identical_and_report_agreement(tmp
             return sorted(float(a.headers["x-inference-time-ms"]) for a in answers)[len(answers) // 2]
 
         assert median_ms(after) <= 1.5 * median_ms(before) + 20  # the shadow run did not slow production
+    finally:
+        s.stop()
+
+
+def nudged(source: Path, folder: Path, factor: float) -> Path:
+    """A copy of the checkpoints in `source` with every diffusion weight times `factor` (same speed, ~same output)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    path = folder / "diffusion" / "model.safetensors"
+    save_file({k: v * factor if v.is_floating_point() else v for k, v in load_file(str(path)).items()}, str(path))
+    return folder
+
+
+def test_the_judge_compares_like_with_like_counts_504s_and_remembers_back_outs(tmp_path, registry_server):
+    mlflow_server, registry = registry_server
+    v1 = write_model(tmp_path / "v1" / "checkpoints", seed=0)
+    production = register(registry, v1)
+    same = register(registry, nudged(v1, tmp_path / "v2" / "checkpoints", 1.001))  # a 0.1 % weight change
+    slow = register(registry, write_model(tmp_path / "v3" / "checkpoints", seed=3, unet_width=64, steps=50))
+    registry.move_alias("production", production)
+    registry.move_alias("candidate", same)
+    keys_file, keys = clients(tmp_path, 16)
+    on_candidate = {name for name in keys if bucket(f"client:{name}") < 0.5}
+    assert 2 <= len(on_candidate) <= 14
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "MODEL_URI": "models:/served@production", "HNDSR_POLL_S": "0.5",
+           "HNDSR_CANARY_WEIGHT": "0.5", "HNDSR_CANARY_MIN_REQUESTS": "5", "HNDSR_CANARY_WINDOW_S": "300",
+           "HNDSR_DEADLINE_S": "0.5", "HNDSR_API_KEYS_FILE": str(keys_file)}
+
+    def ask(s: Server, name: str, size: int) -> httpx.Response:
+        return post(s.url, png(size, size, seed=size), scale="2", headers={"Authorization": f"Bearer {keys[name]}"})
+
+    s = Server(env, tmp_path)
+    s.wait_ready()
+    try:
+        wait_for(f"{s.url}/rollout", lambda d: d["weight"] == 0.5 and same in d["versions"], s)
+        # (a) The candidate's clients send 16 px images, production's 128 px ones: seconds per megapixel of tiny
+        # images are mostly fixed cost, so there is nothing like-for-like to compare, and nothing is backed out.
+        for _ in range(6):
+            for name in keys:
+                answer = ask(s, name, 16 if name in on_candidate else 128)
+                assert answer.status_code == 200, answer.text
+                assert answer.headers["x-model-version"] == (same if name in on_candidate else production)
+        rollout = httpx.get(f"{s.url}/rollout").json()
+        assert rollout["weight"] == 0.5 and not rollout["backed_out"], rollout
+        cand, prod = rollout["versions"][same], rollout["versions"][production]
+        assert list(cand["bands"]) == ["32x32-64x64 px"] and list(prod["bands"]) == ["256x256-512x512 px"]
+        assert cand["p95_s_per_megapixel"] > 1.5 * prod["p95_s_per_megapixel"], (cand, prod)  # what misled it
+
+        # (b) A candidate whose every request passes the deadline (0.5 s; a 192 px image takes it about 5 s here,
+        # production 0.03 s): each is answered by production (no 504 seen), and after 5 it is backed out.
+        registry.move_alias("candidate", slow)
+        wait_for(f"{s.url}/rollout", lambda d: slow in d["versions"] and d["weight"] == 0.5, s, timeout=120)
+        answers = [ask(s, name, 192) for name in sorted(on_candidate) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers]
+        assert {a.headers["x-model-version"] for a in answers} == {production}
+        rollout = httpx.get(f"{s.url}/rollout").json()
+        assert rollout["weight"] == 0 and "server errors in 100.0% of 5 requests" in rollout["backed_out"][slow]
+        metrics = httpx.get(f"{s.url}/metrics").text
+        assert not re.search(r'hndsr_requests_total\{[^}]*status="5\d\d"', metrics)
+        assert f'hndsr_canary_retries_total{{version="{slow}"}} 5.0' in metrics
+        deadline = time.monotonic() + 30
+        while registry.get(slow).tags.get("canary.backed_out") != "true":
+            assert time.monotonic() < deadline, s.log.read_text()[-3000:]
+            time.sleep(0.3)
+    finally:
+        s.stop()
+
+    # (c) A restarted server does not load the backed-out version the roll-out alias still points to.
+    s = Server(env, tmp_path)
+    s.wait_ready()
+    try:
+        deadline = time.monotonic() + 30
+        while "which was backed out of a roll-out" not in s.log.read_text():
+            assert time.monotonic() < deadline, s.log.read_text()[-3000:]
+            time.sleep(0.3)
+        time.sleep(1.5)  # polls later: still not loaded
+        rollout = httpx.get(f"{s.url}/rollout").json()
+        assert rollout["weight"] == 0 and slow in rollout["backed_out"] and slow not in [
+            v for v, d in rollout["versions"].items() if d["role"] == "candidate"]
+        assert {ask(s, name, 16).headers["x-model-version"] for name in keys} == {production}
+        assert "loading it as the roll-out candidate" not in s.log.read_text()
     finally:
         s.stop()

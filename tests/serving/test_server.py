@@ -43,11 +43,12 @@ BIN = Path(sys.executable).parent
 
 
 def write_model(folder: Path, seed: int, *, local: bool = False, bands: tuple[str, ...] = DEFAULT_BANDS,
-                scales: dict[str, float] | None = None) -> Path:
+                scales: dict[str, float] | None = None, unet_width: int = 8, steps: int = 2) -> Path:
     """Random small networks as checkpoints. `local`: a lossless autoencoder (all 12 components of the 2x2
     blocks) and the operator at its untrained zero start, so like a trained model the output at a pixel depends
     on its neighbourhood only (a random operator sees grid coordinates; a lossy random autoencoder has a 2x2
-    block phase), which the tiling test needs. `bands` and `scales`: the data spec (hndsr.raster) it records."""
+    block phase), which the tiling test needs. `bands` and `scales`: the data spec (hndsr.raster) it records;
+    `unet_width` and `steps` (its default DDIM steps): a slower model."""
     torch.manual_seed(seed)
     channels = len(bands)
     latent = 4 * channels if local else 4
@@ -55,7 +56,7 @@ def write_model(folder: Path, seed: int, *, local: bool = False, bands: tuple[st
     ae.fit_linear(torch.rand(2, channels, 16, 16))
     op = NeuralOperator(OperatorConfig(channels=channels, latent_channels=latent, width=8, modes=4, layers=2))
     torch.nn.init.normal_(op.project[-1].weight, std=0.0 if local else 0.01)
-    unet = DiffusionUNet(UNetConfig(latent_channels=latent, width=8, emb_dim=16))
+    unet = DiffusionUNet(UNetConfig(latent_channels=latent, width=unet_width, emb_dim=16))
     torch.nn.init.normal_(unet.out.weight, std=0.1)
     save_network(folder / "autoencoder", "autoencoder", ae,
                  extra={"data": DataSpec.fixed(tuple(bands), scales).to_config()})
@@ -63,7 +64,7 @@ def write_model(folder: Path, seed: int, *, local: bool = False, bands: tuple[st
                  extra={"upstream": upstream_hashes("operator", folder), "scale_range": [2.0, 4.0]})
     save_network(folder / "diffusion", "diffusion", unet,
                  extra={"upstream": upstream_hashes("diffusion", folder), "scale_range": [2.0, 4.0],
-                        "sampling": {"steps": 2, "eta": 0.0, "temperature": 0.5, "strength": 1.0},
+                        "sampling": {"steps": steps, "eta": 0.0, "temperature": 0.5, "strength": 1.0},
                         "scheduler": {"num_train_timesteps": 1000, "prediction_type": "sample"}})
     return folder
 
@@ -426,6 +427,15 @@ def test_a_pass_budget_too_small_for_the_model_stops_start_up(model_dir, tmp_pat
         in s.log.read_text()
 
 
+def tamper(store: Path, digest: str) -> Path:
+    """Flip one byte in the middle of the weight file with SHA-256 `digest` under artifact store `store`."""
+    path = next(p for p in store.rglob("model.safetensors") if sha(p.read_bytes()) == digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return path
+
+
 def test_hot_reload_follows_the_alias(tmp_path, realsat):
     from mlflow import MlflowClient
 
@@ -463,15 +473,44 @@ def test_hot_reload_follows_the_alias(tmp_path, realsat):
             bad = registry.register(broken, python_model=PYFUNC_FILE, experiment="serving-test", tags={},
                                     run_tags={}, signature=None, input_example=None, pip_requirements=["torch"])
             client.set_registered_model_alias("served", "production", bad.version)
-            time.sleep(3)
+            time.sleep(3)  # six polls: tried once, then left alone for the back-off (5 s), not downloaded each poll
             assert httpx.get(f"{s.url}/v1/model").json()["version"] == "2"
             assert post(s.url, image, scale="2", steps="1").status_code == 200
-            assert "hot reload failed" in s.log.read_text()
+            log = s.log.read_text()
+            assert log.count(f"loading version {bad.version} as the production failed") == 1, log[-3000:]
+            assert "dvc" not in log and "Traceback" not in log
             reloads = httpx.get(f"{s.url}/metrics").text
             assert 'hndsr_model_reloads_total{outcome="loaded"} 1.0' in reloads
-            assert re.search(r'hndsr_model_reloads_total\{outcome="failed"\} [1-9]', reloads)
+            assert 'hndsr_model_reloads_total{outcome="failed"} 1.0' in reloads
+
+            # One byte of version 1's diffusion weights flipped in the artifact store, then a rollback to it:
+            # refused (its hashes are not the registered ones), version 2 keeps serving, said in the log and metrics.
+            stored = tamper(tmp_path / "art", registry.get(versions[0].version).tags["weights.diffusion"])
+            client.set_registered_model_alias("served", "production", versions[0].version)
+            deadline = time.monotonic() + 30
+            while "refused version 1" not in s.log.read_text():
+                assert time.monotonic() < deadline, s.log.read_text()[-3000:]
+                time.sleep(0.3)
+            time.sleep(1.5)  # polls later: not downloaded again
+            assert httpx.get(f"{s.url}/v1/model").json()["version"] == "2"
+            assert httpx.get(f"{s.url}/readyz").json() == {"status": "ready", "version": "2"}
+            again = post(s.url, image, scale="2", steps="1")
+            assert again.headers["x-model-version"] == "2" and sha(again.content) == sha(after.content)
+            log = s.log.read_text()
+            line = next(x for x in log.splitlines() if "refused version 1" in x)
+            assert "diffusion weights in the artifact store are not the ones it was registered with" in line, line
+            assert log.count("refused version 1") == 1
+            metrics = httpx.get(f"{s.url}/metrics").text
+            assert 'hndsr_model_integrity_failures_total{version="1"} 1.0' in metrics
+            assert 'hndsr_model_reloads_total{outcome="refused"} 1.0' in metrics
         finally:
             s.stop()
+        # At start-up: the altered version stops the server with one line (exit 4), nothing served.
+        s = Server({**env, "MODEL_URI": "models:/served/1"}, tmp_path)
+        assert s.process.wait(timeout=120) == 4
+        lines = s.log.read_text().strip().splitlines()
+        assert "weights in the artifact store are not the ones it was registered with" in lines[-1], lines[-5:]
+        assert stored.is_file()
     finally:
         for key in ("MLFLOW_TRACKING_URI",):
             os.environ.pop(key, None)
