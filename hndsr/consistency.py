@@ -40,7 +40,9 @@ class Consistency:
         inner = (slice(b, h - b), slice(b, w - b))
         low, width = (v[:, None, None] for v in self._range())
         back = low + shrunk[:, inner[0], inner[1]].astype(np.float64) * width  # stored units
-        given = np.clip(lr_values[:, inner[0], inner[1]].astype(np.float64), low, low + width)  # the model's range
+        # The input as stored, never clipped to the model's range: an output that lost what the model could not
+        # represent shows it here (hndsr.raster.check_range refuses inputs far outside that range beforehand).
+        given = lr_values[:, inner[0], inner[1]].astype(np.float64)
         ok = valid[inner]
         if not ok.any():
             return

@@ -51,6 +51,9 @@ def is_tiff(data: bytes) -> bool:
 def decode(data: bytes, spec: DataSpec, bands: list[int] | None, max_pixels: int) -> Decoded:
     """Model values of an upload; ImageDecodeError (RasterError for rasters) saying what is wrong."""
     if not is_tiff(data):
+        if bands is not None:
+            raise raster.BandMismatch("`bands` chooses bands of a TIFF raster; this image is a PNG or JPEG, which is "
+                                      "always read as RGB: leave `bands` out, or send the raster as TIFF")
         pixels = decode_rgb(data, max_pixels=max_pixels)
         if spec.channels != 3:
             raise raster.BandMismatch(f"the model expects {spec.describe()}; PNG and JPEG images are RGB: send a "
@@ -67,6 +70,7 @@ def decode(data: bytes, spec: DataSpec, bands: list[int] | None, max_pixels: int
                 from None
         indexes = raster.data_bands(dataset, bands, spec)
         values, valid = raster.read_window(dataset, indexes)
+        raster.check_range(values, valid, spec, dataset.dtypes[0], indexes)
         georeferenced = crs is not None or not dataset.transform.is_identity
         return Decoded(raster.model_input(values, valid, spec), None if valid.all() else valid,
                        dataset.dtypes[0], nodata=dataset.nodata,

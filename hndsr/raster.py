@@ -72,6 +72,17 @@ class UnsupportedOutput(RasterError):
     """An output format that cannot carry the result (PNG for more than 8-bit RGB)."""
 
 
+class OutOfRange(RasterError):
+    """Stored values far outside the range the model's radiometry maps for their type: the model would clip them
+    (e.g. reflectance x 10000 stored as float, given to a model that maps floats from 0..1)."""
+
+
+# Values more than half the mapped range's width beyond it count as out of range; an input with more than this
+# share of them in any band is refused (a percentile radiometry clips its tails by design: those stay within).
+OUT_OF_RANGE_SHARE = 0.01
+SAMPLE_EDGE = 1024  # check_range on a scene: its values read decimated to at most this many px a side
+
+
 @dataclass(frozen=True)
 class BandRange:
     """How one kind of stored value maps to the model's [0, 1]: per band, ``(v - low) / (high - low)``."""
@@ -188,13 +199,28 @@ def open_raster(source: str | Path | bytes) -> Iterator[rasterio.DatasetReader]:
             with rasterio.open(source) as dataset:
                 yield dataset
     except rasterio.errors.RasterioIOError as exc:
-        reason = re.sub(r"'?/vsimem/\S+'? ", "it is ", str(exc).splitlines()[0])  # the in-memory name means nothing
-        raise RasterError(f"cannot read the raster: {reason}") from None
+        raise RasterError(f"cannot read the raster: {gdal_reason(exc)}") from None
 
 
-def data_bands(dataset: rasterio.DatasetReader, bands: list[int] | None, spec: DataSpec) -> list[int]:
+_MEMORY_NAME = re.compile(r"'?(/vsimem/)?[^\s,']*[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}[^\s,':]*'?[,:]?\s*")
+
+
+def gdal_reason(exc: BaseException) -> str:
+    """GDAL's own reason for a rasterio error on one line: the underlying GDAL error where rasterio only says "See
+    previous exception for details", without the name of an in-memory file (an upload's internal name)."""
+    cause = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    if "previous exception" in text and cause is not None:
+        text = str(cause.args[2] if getattr(cause, "args", None) and len(cause.args) == 3 else cause)
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return _MEMORY_NAME.sub("", text).strip().rstrip(".")
+
+
+def data_bands(dataset: rasterio.DatasetReader, bands: list[int] | None, spec: DataSpec,
+               option: str = "`bands`") -> list[int]:
     """The 1-based band indexes to feed the model: `bands` if given, else every band that is not alpha; checked
-    against the model's band count and data type (RasterError saying what the model expects)."""
+    against the model's band count and data type (RasterError saying what the model expects; `option`: how the
+    caller's user chooses bands, the form field or `--bands`)."""
     if dataset.dtypes[0] not in KINDS or len(set(dataset.dtypes)) > 1:
         raise UnsupportedDtype(f"unsupported data type {'/'.join(sorted(set(dataset.dtypes)))}; supported: "
                           f"{', '.join(KINDS)} (one type for every band)")
@@ -207,7 +233,7 @@ def data_bands(dataset: rasterio.DatasetReader, bands: list[int] | None, spec: D
         indexes = list(bands)
     if len(indexes) != spec.channels:
         raise BandMismatch(f"the model expects {spec.describe()}; the raster has {len(indexes)} data band"
-                          f"{'s' if len(indexes) != 1 else ''}" + ("" if bands else "; choose them with `bands` "
+                          f"{'s' if len(indexes) != 1 else ''}" + ("" if bands else f"; choose them with {option} "
                                                                    "(1-based band indexes, e.g. 1,2,3)"))
     return indexes
 
@@ -216,11 +242,48 @@ def read_window(dataset: rasterio.DatasetReader, indexes: list[int],
                 window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(C, h, w) stored values and the (h, w) bool valid mask of `window`: GDAL's dataset mask, and for floats
     also finite in every band (NaN is a common undeclared nodata in float rasters)."""
-    values = dataset.read(indexes, window=window)
-    valid = dataset.dataset_mask(window=window) > 0
+    try:
+        values = dataset.read(indexes, window=window)
+        valid = dataset.dataset_mask(window=window) > 0
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterError(f"cannot read the raster's pixels: the file is truncated or corrupt ({gdal_reason(exc)})") \
+            from None
     if values.dtype.kind == "f":
         valid &= np.isfinite(values).all(axis=0)
     return values, valid
+
+
+def check_range(values: np.ndarray, valid: np.ndarray, spec: DataSpec, dtype: str, indexes: list[int]) -> None:
+    """OutOfRange unless the valid (C, h, w) stored `values` of bands `indexes` lie in the range the model maps
+    for `dtype` (its declared radiometry), allowing half the range's width on either side and OUT_OF_RANGE_SHARE of
+    values beyond that. Never clip silently: a float raster in other units than the model's is refused, saying
+    which range it has and which the model maps."""
+    band_range = spec.band_range(dtype)
+    for band, index in enumerate(indexes):
+        low, high = band_range.low[band], band_range.high[band]
+        margin = (high - low) / 2
+        given = values[band][valid]
+        if given.size == 0:
+            continue
+        outside = int(np.count_nonzero((given < low - margin) | (given > high + margin)))
+        if outside > OUT_OF_RANGE_SHARE * given.size:
+            raise OutOfRange(
+                f"band {index}'s values lie in {float(given.min()):.6g}..{float(given.max()):.6g}, but this model maps "
+                f"{dtype} values from {low:.6g}..{high:.6g} ({band_range.method} radiometry, "
+                f"`data.radiometry.{KINDS[dtype]}` of the model): {outside / given.size:.0%} of them lie far beyond "
+                "it and would be clipped. Rescale the raster into the model's range (reflectance x 10000 for a model "
+                "of 0..1: divide by 10000), or use a model trained on data in these units (etl.radiometry)")
+
+
+def check_scene_range(dataset: rasterio.DatasetReader, indexes: list[int], spec: DataSpec) -> None:
+    """check_range on a whole raster from a decimated read (overviews when the file has them), before any work."""
+    factor = max(1, math.ceil(max(dataset.width, dataset.height) / SAMPLE_EDGE))
+    shape = (len(indexes), max(1, dataset.height // factor), max(1, dataset.width // factor))
+    values = dataset.read(indexes, out_shape=shape)
+    valid = dataset.dataset_mask(out_shape=shape[1:]) > 0
+    if values.dtype.kind == "f":
+        valid &= np.isfinite(values).all(axis=0)
+    check_range(values, valid, spec, dataset.dtypes[0], indexes)
 
 
 def model_input(values: np.ndarray, valid: np.ndarray, spec: DataSpec) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from datetime import UTC, datetime
 
@@ -78,7 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rollout.add_argument("--json", action="store_true", help="status: machine-readable")
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (CI cancelling a job, `kill`, an orchestrator) as an exception, so what is open is closed on the way
+    out: the MLflow run ends FAILED instead of RUNNING forever, a version registered by this run is deleted."""
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     if args.action == "promote":
         return _promote(args)
     if args.action == "register":

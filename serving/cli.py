@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 
 from hndsr.cli import Command
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     from hndsr.errors import UserError
     from serving import runtime
     from serving.app import create_app
-    from serving.loader import ModelLoadError
+    from serving.loader import ModelLoadError, quiet_store_errors
     from serving.server import ANSWER_S, DrainingServer, protocol_class
 
     try:
@@ -49,10 +50,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"hndsr serve: error: {exc}", file=sys.stderr)
         return EXIT_SETTINGS
     state = app.state.hndsr
+    quiet_store_errors()
+    try:  # the port first: a port in use is said at once, before minutes of loading the model
+        listener = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"hndsr serve: error: cannot start: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc} (another process holds it? choose another with --port)", file=sys.stderr)
+        return EXIT_STARTUP
     try:  # before uvicorn, so a model that cannot start is one line and an exit status, not a lifespan traceback
         state.preloaded = runtime.start(settings, on_batch=state.metrics.batch_size.observe)
     except (ModelLoadError, UserError) as exc:
         print(f"hndsr serve: error: cannot start: {exc}", file=sys.stderr)
+        listener.close()
         return EXIT_STARTUP
 
     http = protocol_class(client_timeout_s=settings.client_timeout_s, max_connections=settings.max_connections,
@@ -61,11 +70,27 @@ def main(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on", http=http,
                             timeout_graceful_shutdown=ANSWER_S, access_log=False)
     server = DrainingServer(config, state)
-    server.run()
+    server.run(sockets=[listener])
     if not server.started:
         print("hndsr serve: error: the server did not start (see the log above)", file=sys.stderr)
         return EXIT_STARTUP
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (as uvicorn binds it: SO_REUSEADDR, so a restart does not wait for
+    TIME_WAIT); OSError when the address is in use or not this host's."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 serve = Command("serve the production model over HTTP (FastAPI + uvicorn)", add_arguments, main)

@@ -14,7 +14,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from hndsr.images import ImageDecodeError, ImageTooLarge, UnsupportedFormat
-from hndsr.raster import BadGeoreference, BandMismatch, RasterError, UnsupportedDtype, UnsupportedOutput
+from hndsr.raster import (
+    BadGeoreference,
+    BandMismatch,
+    OutOfRange,
+    RasterError,
+    UnsupportedDtype,
+    UnsupportedOutput,
+)
 from serving.server import TIMED_OUT
 
 log = logging.getLogger("hndsr.serving")
@@ -35,6 +42,7 @@ IMAGE_ERRORS: tuple[tuple[type[ImageDecodeError], int, str, str], ...] = (
     (ImageTooLarge, 413, "input_too_large", "send a smaller image"),
     (BandMismatch, 422, "wrong_bands", ""),
     (UnsupportedDtype, 422, "unsupported_dtype", "convert the raster to one of these types"),
+    (OutOfRange, 422, "values_out_of_range", ""),
     (UnsupportedOutput, 422, "unsupported_output", ""),
     (BadGeoreference, 400, "bad_georeference", ""),
     (RasterError, 400, "bad_raster", "send a readable TIFF/GeoTIFF"),

@@ -98,6 +98,13 @@ def backed_out(model_uri: str, version: str) -> str | None:
     return tags.get("canary.backed_out.reason") or "backed out of a roll-out"
 
 
+def quiet_store_errors() -> None:
+    """MLflow's database store logs every SQLAlchemy error it raises with its whole traceback (some 60 lines for a
+    locked SQLite file); the server reports each on one line itself (`_registry_errors`), so those are not logged
+    twice. Called by `hndsr serve`."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
 @contextlib.contextmanager
 def _registry_errors(name: str):
     """Registry and database errors as RegistryUnavailable with their first line (never a traceback: a locked

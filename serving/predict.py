@@ -258,7 +258,8 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
             crs = src.crs
         except rasterio.errors.CRSError as exc:
             raise PredictError(f"{source}: unreadable georeference ({exc})") from None
-        indexes = raster.data_bands(src, options.bands, spec)
+        indexes = raster.data_bands(src, options.bands, spec, option="--bands")
+        raster.check_scene_range(src, indexes, spec)
         scale, transform = resolve_grid(src, model, options)
         period, misplacement = lattice_period(scale)
         if misplacement:

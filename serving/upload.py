@@ -9,9 +9,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser, parse_options_header
 
 from serving.errors import ClientError
+
+
+# A body that was not what its headers said leaves the connection's byte stream in doubt: answer and close it,
+# so bytes after a short Content-Length are never read as another request (which got a stray plain-text 400).
+CLOSE = {"Connection": "close"}
 
 
 @dataclass(frozen=True)
@@ -33,14 +38,23 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise ClientError(413, "upload_too_large", f"the body is {declared} bytes, above the limit of {max_bytes}")
-    received = 0
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if not boundary:
+        raise ClientError(400, "bad_multipart", "the Content-Type multipart/form-data has no boundary parameter, so "
+                          "the parts cannot be found; let your HTTP client build the body (curl -F, "
+                          "requests/httpx files=)", CLOSE)
+    closing = b"\r\n--" + boundary + b"--"
+    received, tail, closed = 0, b"", False
 
     async def limited() -> AsyncIterator[bytes]:
-        nonlocal received
+        nonlocal received, tail, closed
         async for chunk in request.stream():
             received += len(chunk)
             if received > max_bytes:
                 raise ClientError(413, "upload_too_large", f"the body is above the limit of {max_bytes} bytes")
+            closed = closed or closing in tail + chunk  # the closing delimiter, even split across two chunks
+            tail = (tail + chunk)[-len(closing):]
             yield chunk
 
     parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=10)
@@ -50,10 +64,13 @@ async def read_upload(request: Request, max_bytes: int) -> Upload:
         if received == 0:
             raise ClientError(400, "empty_body", "the request body is empty; send the image as the `file` field") \
                 from None
-        raise ClientError(400, "bad_multipart", f"cannot parse the multipart body: {exc.message}") from None
+        raise ClientError(400, "bad_multipart", f"cannot parse the multipart body: {exc.message}", CLOSE) from None
     try:
         if received == 0:
             raise ClientError(400, "empty_body", "the request body is empty; send the image as the `file` field")
+        if not closed:  # a Content-Length shorter than the body, or a body cut off: its parts cannot be trusted
+            raise ClientError(400, "bad_multipart", f"the body ended after {received} bytes without the multipart's "
+                              "closing boundary: it was cut short (is Content-Length the body's length?)", CLOSE)
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ClientError(422, "missing_file", "the `file` field (the image, sent as a file part) is missing")

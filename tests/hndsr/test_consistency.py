@@ -42,3 +42,19 @@ def test_a_shifted_output_shows_in_the_figures_and_a_faithful_one_does_not(reals
     assert figures["faithful"]["shift_px"]["max"] < 0.1 and max(figures["faithful"]["reflectance_rmse"]) < 6
     assert abs(figures["shifted"]["shift_px"]["dx"] - 2.0) < 0.2  # 4 output px = 2 LR px
     assert figures["shifted"]["reflectance_rmse"][0] > 2 * figures["faithful"]["reflectance_rmse"][0]
+
+
+def test_an_output_clipped_to_the_model_range_never_scores_as_perfect(geotiff):
+    """Reflectance x 10000 (488-2102) through a model that maps floats from 0..1: whatever the output is, it is
+    compared with the input as stored, so one pinned at the range's top shows an error of the input's size."""
+    import rasterio
+
+    with rasterio.open(geotiff / "reflectance_4band_float64.tif") as src:
+        lr = src.read([1, 2, 3])[:, :64, :64]
+    spec = DataSpec.fixed()  # float: 0..1
+    pinned = np.ones((128, 128, 3), dtype=np.float32)  # what clipping 488..2102 to 0..1 gives
+    consistency = Consistency(spec, "float64", 3)
+    consistency.add(pinned, lr, np.ones((64, 64), bool), 2.0)
+    figures = consistency.summary()
+    assert min(figures["reflectance_rmse"]) > 400, figures  # stored units: the values are 488..2102
+    assert figures["reflectance_nrmse"] > 400

@@ -461,6 +461,33 @@ def test_a_corrupt_checkpoint_is_one_line_and_registers_nothing(make_project, ml
     assert nothing.returncode == 1 and "no registered model" in nothing.stderr
 
 
+def test_a_promotion_terminated_while_registering_leaves_no_run_running(make_project, mlflow_server):
+    from mlflow import MlflowClient
+
+    project = make_project("good")
+    client = MlflowClient(mlflow_server.uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(["hndsr", "registry", "promote", "--params", "params.yaml"], cwd=project, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, running = time.monotonic() + 120, []
+        while not running:  # the `register` run has started (its model is being logged)
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            running = client.search_runs(experiments, "attributes.status = 'RUNNING'") if experiments else []
+            time.sleep(0.05)
+        process.terminate()  # SIGTERM, as CI cancelling the job sends
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + 15, output[-3000:]
+    run = client.get_run(running[0].info.run_id)
+    assert run.info.status == "FAILED", run.info
+    assert not client.search_runs([running[0].info.experiment_id], "attributes.status = 'RUNNING'")
+
+
 def test_a_moved_project_says_its_artifacts_were_moved(make_project, tmp_path):
     from tests.serving.test_server import Server
 

@@ -120,6 +120,8 @@ def test_every_real_geotiff_keeps_its_georeference_type_bands_and_nodata(geotiff
         figures = report["consistency"]
         assert report["windows"] > 1 and report["scale"] == 2.5
         assert len(figures["reflectance_rmse"]) == bands and figures["spectral_angle_deg"] >= 0
+        # In stored units against the input as stored: small for this near-bicubic model, never exactly zero.
+        assert 0 < figures["reflectance_nrmse"] < 0.05 and min(figures["reflectance_rmse"]) > 0, figures
         assert abs(figures["shift_px"]["dy"]) < 0.5 and abs(figures["shift_px"]["dx"]) < 0.5
         with rasterio.open(out / name) as written:
             assert written.tags()["HNDSR_SCALE"] == "2.5" and written.tags()["HNDSR_MODEL_VERSION"] == "local"
@@ -129,13 +131,28 @@ def test_a_band_count_the_model_does_not_take_is_reported_and_skipped(geotiff, m
     result = run_predict(geotiff / "naip_rgbn_2009.tif", geotiff / "landsat8_rgb_uint16.tif", "--out", tmp_path,
                          "--scale", "2", "--model", models[3], "--steps", "0")
     assert result.returncode == 1
-    assert "the model expects 3 bands (red, green, blue); the raster has 4 data bands" in result.stdout
+    assert "the model expects 3 bands (red, green, blue); the raster has 4 data bands; choose them with --bands" \
+        in result.stdout
     assert (tmp_path / "landsat8_rgb_uint16.tif").is_file() and not (tmp_path / "naip_rgbn_2009.tif").exists()
     chosen = run_predict(geotiff / "naip_rgbn_2009.tif", "--out", tmp_path / "chosen", "--scale", "2", "--model",
                          models[3], "--steps", "0", "--bands", "1,2,3")
     assert chosen.returncode == 0, chosen.stderr[-2000:]
     with rasterio.open(tmp_path / "chosen" / "naip_rgbn_2009.tif") as out:
         assert out.count == 3
+
+
+def test_float_reflectance_in_other_units_than_the_model_maps_is_refused_not_clipped(geotiff, models, tmp_path):
+    """reflectance_4band_float64.tif holds reflectance x 10000 (336-4269); the RGB model maps floats from 0..1,
+    so its bands 1-3 would all be clipped to 1.0: refused, nothing written. The RGBN model maps 0..10000."""
+    source = geotiff / "reflectance_4band_float64.tif"
+    refused = run_predict(source, "--out", tmp_path / "rgb", "--scale", "2.5", "--model", models[3], "--steps", "0",
+                          "--bands", "1,2,3")
+    assert refused.returncode == 1
+    assert "band 1's values lie in 488..2102, but this model maps float64 values from 0..1 (fixed radiometry" \
+        in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    assert not list((tmp_path / "rgb").glob("*.tif")) and not list((tmp_path / "rgb").glob(".*"))
+    taken = run_predict(source, "--out", tmp_path / "rgbn", "--scale", "2.5", "--model", models[4], "--steps", "0")
+    assert taken.returncode == 0, taken.stderr[-2000:]
 
 
 def test_valid_pixels_do_not_depend_on_what_the_nodata_pixels_hold(geotiff, models, tmp_path):

@@ -283,6 +283,10 @@ def _gif() -> bytes:
     ("empty body", lambda u: httpx.post(f"{u}/v1/super-resolve", content=b"",
                                         headers={"content-type": "multipart/form-data; boundary=x"}), 400,
      "empty_body"),
+    ("no boundary", lambda u: httpx.post(f"{u}/v1/super-resolve", content=_multipart(png(8, 8)),
+                                         headers={"content-type": "multipart/form-data"}), 400, "bad_multipart"),
+    ("bands on a PNG", lambda u: httpx.post(f"{u}/v1/super-resolve", files={"file": ("a.png", png(8, 8))},
+                                            data={"scale": "2", "bands": "1,2,3"}), 422, "wrong_bands"),
 ])
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, make, status, code):
     response = make(server.url)
@@ -290,6 +294,28 @@ def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(server, name, mak
     body = response.json()
     assert body["error"] == code and body["detail"], body
     assert post(server.url, png(8, 8), steps="0").status_code == 200
+
+
+def _multipart(image: bytes, boundary: bytes = b"b") -> bytes:
+    return (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="scale"\r\n\r\n2\r\n--' + boundary
+            + b'\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+            + image + b"\r\n--" + boundary + b"--\r\n")
+
+
+def test_a_body_longer_than_its_content_length_is_one_clear_400_and_the_connection_closes(server):
+    """The server reads Content-Length bytes: the closing boundary is missing from them (400 bad_multipart, not
+    `missing_file`), and the rest of the body is never parsed as another request (no stray plain-text 400)."""
+    import socket
+
+    body = _multipart(png(8, 8))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"POST /v1/super-resolve HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                     b"boundary=b\r\nContent-Length: %d\r\n\r\n" % (len(body) - 40) + body)
+        answer = b""
+        while data := sock.recv(65536):  # until the server closes the connection
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1") == 1, answer[:600]
+    assert b'"error":"bad_multipart"' in answer and b"without the multipart's closing boundary" in answer
 
 
 def test_upload_limit_is_enforced_while_streaming(server):
@@ -404,6 +430,21 @@ def test_unloadable_model_exits_non_zero_with_the_reason(tmp_path):
     log = s.log.read_text()
     assert "hndsr serve: error: cannot start: MODEL_URI=" in log and "neither a models:/ URI nor an existing" in log
     assert "Traceback" not in log
+
+
+def test_a_port_in_use_stops_start_up_at_once_with_one_line(model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([str(BIN / "hndsr"), "serve", "--port", str(port)], capture_output=True, text=True,
+                                env={**os.environ, "MODEL_URI": str(model_dir)}, timeout=120)
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert f"hndsr serve: error: cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" \
+        in result.stderr.strip().splitlines()[-1]
+    assert "loaded model" not in result.stderr and "Traceback" not in result.stderr  # said before loading
 
 
 def test_a_corrupt_checkpoint_stops_start_up_with_one_line(model_dir, tmp_path):

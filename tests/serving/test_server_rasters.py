@@ -5,6 +5,7 @@ it cannot take."""
 from __future__ import annotations
 
 import io
+import re
 
 import httpx
 import numpy as np
@@ -52,6 +53,13 @@ def test_every_real_geotiff_comes_back_on_the_map(servers, geotiff, tmp_path):
         check_georeferenced_output(geotiff / name, tmp_path / name, 2.5)
 
 
+def test_float_reflectance_the_model_does_not_map_is_422_not_clipped(servers, geotiff):
+    response = post(servers[3], (geotiff / "reflectance_4band_float64.tif").read_bytes(), bands="1,2,3")
+    assert response.status_code == 422 and response.json()["error"] == "values_out_of_range", response.text
+    assert "band 1's values lie in 488..2102, but this model maps float64 values from 0..1" \
+        in response.json()["detail"]
+
+
 def test_the_model_card_names_the_bands_and_radiometry(servers):
     info = httpx.get(f"{servers[4].url}/v1/model", timeout=10).json()
     assert info["data"]["bands"] == list(RGBN)
@@ -90,6 +98,16 @@ def test_bad_rasters_get_a_4xx_that_says_what_to_fix(servers, geotiff):
     assert unsupported.status_code == 422 and unsupported.json()["error"] == "unsupported_dtype"
     truncated = post(servers[3], naip[:5000], bands="1,2,3")
     assert truncated.status_code == 400 and "raster" in truncated.json()["detail"]
+    small = MemoryFile()
+    with small.open(driver="GTiff", width=64, height=64, count=3, dtype="uint8") as dst:
+        dst.write(np.ones((3, 64, 64), np.uint8))
+    whole = small.read()
+    for cut in (whole[:300], whole[: len(whole) // 2]):  # the header only; half the pixels
+        answer = post(servers[3], cut)
+        assert answer.status_code == 400 and answer.json()["error"] == "bad_raster", answer.text
+        detail = answer.json()["detail"]
+        assert "the file is truncated or corrupt" in detail and "previous exception" not in detail, detail
+        assert "vsimem" not in detail and not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", detail), detail
     bad_bands = post(servers[3], naip, bands="1,2,9")
     assert bad_bands.status_code == 422 and "band 9 does not exist" in bad_bands.json()["detail"]
     assert httpx.get(f"{servers[3].url}/readyz", timeout=5).status_code == 200
