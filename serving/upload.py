@@ -13,7 +13,6 @@ from starlette.formparsers import MultiPartException, MultiPartParser, parse_opt
 
 from serving.errors import ClientError
 
-
 # A body that was not what its headers said leaves the connection's byte stream in doubt: answer and close it,
 # so bytes after a short Content-Length are never read as another request (which got a stray plain-text 400).
 CLOSE = {"Connection": "close"}
