@@ -9,11 +9,14 @@ with the pixel size divided by the scale, its data type, bands and nodata (the i
 
 from __future__ import annotations
 
+import io
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import rasterio
+from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
 from hndsr import raster
@@ -48,8 +51,63 @@ def is_tiff(data: bytes) -> bool:
     return data[:4] in TIFF_MAGIC
 
 
-def decode(data: bytes, spec: DataSpec, bands: list[int] | None, max_pixels: int) -> Decoded:
-    """Model values of an upload; ImageDecodeError (RasterError for rasters) saying what is wrong."""
+class DecodeTimeout(RuntimeError):
+    """Decoding passed its deadline (checked between row windows); the server answers 504."""
+
+
+MAX_BANDS = 64  # bands a raster may have at all (HNDSR_MAX_BANDS): every band of a block is decoded to read one
+MAX_BYTES_PER_PIXEL = 128  # all bands' bytes per pixel (HNDSR_MAX_BYTES_PER_PIXEL): e.g. 16 float64 bands
+
+
+@dataclass(frozen=True)
+class Header:
+    height: int
+    width: int
+
+
+def inspect(data: bytes, max_pixels: int, *, max_bands: int = MAX_BANDS,
+            max_bytes_per_pixel: int = MAX_BYTES_PER_PIXEL) -> Header | None:
+    """The size of an upload from its header alone, checked against the limits before anything is decoded
+    (ImageTooLarge for pixels or bytes per pixel, raster.TooManyBands); None when the header cannot be read
+    (`decode` then says why)."""
+    if not is_tiff(data):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Exception:  # noqa: BLE001 - decode_rgb reports what is wrong with it
+            return None
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"too many pixels: {width}x{height} is above the limit of {max_pixels}")
+        return Header(height, width)
+    try:
+        with raster.open_raster(data) as dataset:
+            _check_raster(dataset, max_pixels, max_bands, max_bytes_per_pixel)
+            return Header(dataset.height, dataset.width)
+    except raster.RasterError as exc:
+        if isinstance(exc, raster.TooManyBands):
+            raise
+        return None
+
+
+def _check_raster(dataset, max_pixels: int, max_bands: int, max_bytes_per_pixel: int) -> None:
+    if dataset.width * dataset.height > max_pixels:
+        raise ImageTooLarge(f"too many pixels: {dataset.width}x{dataset.height} is above the limit of {max_pixels}")
+    if dataset.count > max_bands:
+        raise raster.TooManyBands(f"the raster has {dataset.count} bands, above this server's limit of {max_bands} "
+                                  "(reading a few means decoding every band of each block); extract the bands the "
+                                  "model takes first, e.g. gdal_translate -b 1 -b 2 -b 3")
+    per_pixel = sum(np.dtype(t).itemsize for t in dataset.dtypes)
+    if per_pixel > max_bytes_per_pixel:
+        raise ImageTooLarge(f"too many bytes per pixel: {dataset.count} bands of {'/'.join(sorted(set(dataset.dtypes)))} "
+                            f"are {per_pixel} bytes per pixel, above the limit of {max_bytes_per_pixel}; extract the "
+                            "bands the model takes first, e.g. gdal_translate -b 1 -b 2 -b 3")
+
+
+def decode(data: bytes, spec: DataSpec, bands: list[int] | None, max_pixels: int, *, max_bands: int = MAX_BANDS,
+           max_bytes_per_pixel: int = MAX_BYTES_PER_PIXEL, deadline: float | None = None) -> Decoded:
+    """Model values of an upload; ImageDecodeError (RasterError for rasters) saying what is wrong. A raster is
+    read window by window, only the chosen bands; `deadline` (time.monotonic()) is checked between windows
+    (DecodeTimeout)."""
     if not is_tiff(data):
         if bands is not None:
             raise raster.BandMismatch("`bands` chooses bands of a TIFF raster; this image is a PNG or JPEG, which is "
@@ -59,17 +117,20 @@ def decode(data: bytes, spec: DataSpec, bands: list[int] | None, max_pixels: int
             raise raster.BandMismatch(f"the model expects {spec.describe()}; PNG and JPEG images are RGB: send a "
                                       f"{spec.channels}-band TIFF")
         return Decoded(spec.image_to_model(pixels), None, "uint8")
+
+    def in_time() -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DecodeTimeout("decoding the upload passed the request's deadline")
+
     with raster.open_raster(data) as dataset:
-        if dataset.width * dataset.height > max_pixels:
-            raise ImageTooLarge(f"too many pixels: {dataset.width}x{dataset.height} is above the limit of "
-                                f"{max_pixels}")
+        _check_raster(dataset, max_pixels, max_bands, max_bytes_per_pixel)
         try:
             crs = dataset.crs
         except rasterio.errors.CRSError as exc:
             raise raster.BadGeoreference(f"unreadable coordinate reference system ({exc}); fix or remove it") \
                 from None
         indexes = raster.data_bands(dataset, bands, spec)
-        values, valid = raster.read_window(dataset, indexes)
+        values, valid = raster.read_rows(dataset, indexes, check=in_time)
         raster.check_range(values, valid, spec, dataset.dtypes[0], indexes)
         georeferenced = crs is not None or not dataset.transform.is_identity
         return Decoded(raster.model_input(values, valid, spec), None if valid.all() else valid,

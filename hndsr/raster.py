@@ -27,7 +27,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +70,10 @@ class BadGeoreference(RasterError):
 
 class UnsupportedOutput(RasterError):
     """An output format that cannot carry the result (PNG for more than 8-bit RGB)."""
+
+
+class TooManyBands(RasterError):
+    """More bands than the reader decodes (a block of a pixel-interleaved raster holds every band)."""
 
 
 class OutOfRange(RasterError):
@@ -244,12 +248,31 @@ def read_window(dataset: rasterio.DatasetReader, indexes: list[int],
     also finite in every band (NaN is a common undeclared nodata in float rasters)."""
     try:
         values = dataset.read(indexes, window=window)
-        valid = dataset.dataset_mask(window=window) > 0
+        # Validity from the chosen bands' masks only (a per-dataset mask or alpha is every band's mask; with nodata
+        # values a pixel is valid where any chosen band is, as GDAL's dataset mask does over all bands): the bands
+        # not fed to the model are never decoded for it.
+        valid = np.logical_or.reduce(dataset.read_masks(indexes, window=window) > 0, axis=0)
     except rasterio.errors.RasterioIOError as exc:
         raise RasterError(f"cannot read the raster's pixels: the file is truncated or corrupt ({gdal_reason(exc)})") \
             from None
     if values.dtype.kind == "f":
         valid &= np.isfinite(values).all(axis=0)
+    return values, valid
+
+
+def read_rows(dataset: rasterio.DatasetReader, indexes: list[int], *, rows: int = 256,
+              check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """read_window of the whole raster, `rows` rows at a time, calling `check` before each (it raises to stop: a
+    deadline); memory is the chosen bands' pixels, and GDAL's block cache is bounded (GDAL_CACHE_MB)."""
+    values = np.empty((len(indexes), dataset.height, dataset.width), dtype=dataset.dtypes[0])
+    valid = np.empty((dataset.height, dataset.width), dtype=bool)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        for start in range(0, dataset.height, rows):
+            if check is not None:
+                check()
+            stop = min(start + rows, dataset.height)
+            values[:, start:stop], valid[start:stop] = read_window(dataset, indexes,
+                                                                  Window(0, start, dataset.width, stop - start))
     return values, valid
 
 

@@ -272,17 +272,29 @@ class Engine:
     def queued_tiles(self) -> int:
         return self._queue.qsize() + len(self._pending)
 
+    def reserve(self, pixels: int) -> None:
+        """Admit `pixels` output pixels before the request's input is decoded (its decoding then counts against the
+        same budget as its inference); Overloaded when they do not fit. `submit(..., reserved=True)` takes the
+        reservation over (released when the job ends); `release` returns it if the request ends before."""
+        with self._lock:
+            if self._admitted_pixels + pixels > self.max_queue_pixels:
+                raise Overloaded(f"the server is busy ({self._admitted_pixels} output pixels queued, budget "
+                                 f"{self.max_queue_pixels})")
+            self._admitted_pixels += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._lock:
+            self._admitted_pixels -= pixels
+
     def submit(self, model: LoadedModel, lr: np.ndarray, scale: float, steps: int, seed: int,
-               deadline_s: float, *, background: bool = False) -> Job:
+               deadline_s: float, *, background: bool = False, reserved: bool = False) -> Job:
         out_h, out_w = hr_size(lr.shape[0], scale), hr_size(lr.shape[1], scale)
         job = Job(model, lr, scale, steps, seed, time.monotonic() + deadline_s, out_h, out_w,
                   plan_tiles(lr.shape[0], lr.shape[1], scale, self.pass_pixels, self.overlap), background=background)
+        if not background and not reserved:
+            self.reserve(job.pixels)
         with self._lock:
-            if not background and self._admitted_pixels + job.pixels > self.max_queue_pixels:
-                raise Overloaded(f"the server is busy ({self._admitted_pixels} output pixels queued, budget "
-                                 f"{self.max_queue_pixels})")
             if not background:
-                self._admitted_pixels += job.pixels
                 self._waiting_foreground += len(job.tiles)
         job.accumulator = np.zeros((out_h, out_w, lr.shape[2]), dtype=np.float32)
         job.weights = np.zeros((out_h, out_w, 1), dtype=np.float32)

@@ -19,6 +19,7 @@ from hndsr.raster import (
     BandMismatch,
     OutOfRange,
     RasterError,
+    TooManyBands,
     UnsupportedDtype,
     UnsupportedOutput,
 )
@@ -41,6 +42,7 @@ class ClientError(Exception):
 IMAGE_ERRORS: tuple[tuple[type[ImageDecodeError], int, str, str], ...] = (
     (ImageTooLarge, 413, "input_too_large", "send a smaller image"),
     (BandMismatch, 422, "wrong_bands", ""),
+    (TooManyBands, 422, "too_many_bands", ""),
     (UnsupportedDtype, 422, "unsupported_dtype", "convert the raster to one of these types"),
     (OutOfRange, 422, "values_out_of_range", ""),
     (UnsupportedOutput, 422, "unsupported_output", ""),

@@ -11,6 +11,8 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_MAX_UPLOAD_BYTES` | 20000000 | request body limit, enforced while reading |
 | `HNDSR_MAX_INPUT_PIXELS` | 4000000 | input image limit (checked from the header) |
 | `HNDSR_MAX_OUTPUT_PIXELS` | 16000000 | output image limit (input pixels x scale^2) |
+| `HNDSR_MAX_BANDS` | 64 | most bands a raster may have, chosen or not (422 `too_many_bands`; a block holds every band) |
+| `HNDSR_MAX_BYTES_PER_PIXEL` | 128 | most bytes per pixel over all of a raster's bands (413 `input_too_large`) |
 | `HNDSR_MAX_QUEUE_PIXELS` | 64000000 | output pixels queued or running before new requests get 503 |
 | `HNDSR_MAX_STEPS` | 50 | most DDIM steps a request may ask for |
 | `HNDSR_PASS_MEGAPIXELS` | `auto` | the memory budget: most output megapixels one forward pass works on; an image whose output fits is one tile (auto: 0.6 on CPU, measured by benchmarks/tile_budget.py; on CUDA half the free memory, measured at start-up) |
@@ -22,7 +24,7 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_COMPILE` | `auto` | `torch.compile` the diffusion UNet, kept if the start-up check passes: `auto` (CUDA only), `on`, `off` |
 | `HNDSR_MIN_PSNR_DB` | 45 | tolerance of the start-up checks: least PSNR against float32 on the reference input |
 | `HNDSR_PNG_COMPRESS_LEVEL` | 1 | zlib level of the PNG answers, 0..9 (same pixels; 1 is 5x faster than 6 for about 15 % more bytes) |
-| `HNDSR_DEADLINE_S` | 120 | per-request deadline (504 when passed) |
+| `HNDSR_DEADLINE_S` | 120 | per-request deadline, decoding and inference (504 when passed) |
 | `HNDSR_POLL_S` | 30 | how often the alias is checked for a new version (0: never) |
 | `HNDSR_DRAIN_S` | 30 | on SIGTERM, how long requests in flight may take to finish (then they are answered 503) |
 | `HNDSR_CLIENT_TIMEOUT_S` | 30 | a request's headers must arrive within this; a body upload may pause at most this long |
@@ -33,7 +35,7 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_CANARY_WINDOW_S` | 300 | sliding window over which the candidate is compared with production |
 | `HNDSR_CANARY_MIN_REQUESTS` | 20 | least candidate requests in the window before it is judged |
 | `HNDSR_CANARY_MAX_ERROR_RATIO` | 0.05 | back out when the candidate's server-error ratio exceeds production's by more |
-| `HNDSR_CANARY_MAX_LATENCY_RATIO` | 1.5 | back out when the candidate's p95 seconds per output megapixel exceed production's times this |
+| `HNDSR_CANARY_MAX_LATENCY_RATIO` | 1.5 | back out when the candidate's p95 seconds per output megapixel exceed production's times this, in a size band where both have HNDSR_CANARY_MIN_REQUESTS answers |
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Settings(BaseSettings):
     max_upload_bytes: Positive = 20_000_000
     max_input_pixels: Positive = 4_000_000
     max_output_pixels: Positive = 16_000_000
+    max_bands: Positive = 64
+    max_bytes_per_pixel: Positive = 128
     max_queue_pixels: Positive = 64_000_000
     max_steps: Positive = 50
     pass_megapixels: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"

@@ -79,6 +79,12 @@ async def super_resolve(request: Request, state: StateDep) -> Response:
         state.in_flight -= 1
 
 
+def _check_output(out_h: int, out_w: int, limit: int) -> None:
+    if out_h * out_w > limit:
+        raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
+                          f"pixels, above the limit of {limit}; use a smaller image or scale")
+
+
 class CandidateFailed(Exception):
     """The roll-out candidate failed on this request; production answers it instead."""
 
@@ -111,24 +117,49 @@ async def _answer(request: Request, state: StateDep, upload, model, *, candidate
     if steps > settings.max_steps:
         raise ClientError(422, "steps_out_of_range", f"steps must be between 0 and {settings.max_steps}, got {steps}")
     spec = model.model.data
-    try:
-        decoded = await asyncio.to_thread(imagefile.decode, upload.image, spec, upload.bands,
-                                          settings.max_input_pixels)
-        fmt = rasters.choose_format(upload.format, request.headers.get("accept", ""), decoded)
+    deadline = time.monotonic() + settings.deadline_s  # decoding and inference together
+    limits = {"max_bands": settings.max_bands, "max_bytes_per_pixel": settings.max_bytes_per_pixel}
+    try:  # the size from the header: limits, quota and admission before anything is decoded
+        header = await asyncio.to_thread(imagefile.inspect, upload.image, settings.max_input_pixels, **limits)
     except ImageDecodeError as exc:
         raise image_error(exc) from None
-    in_h, in_w = decoded.lr.shape[:2]
-    out_h, out_w = hr_size(in_h, scale), hr_size(in_w, scale)
-    if out_h * out_w > settings.max_output_pixels:
-        raise ClientError(413, "output_too_large", f"the output would be {out_w}x{out_h} = {out_h * out_w} "
-                          f"pixels, above the limit of {settings.max_output_pixels}; use a smaller image or scale")
     client = request_client(request)
-    if client is not None and not retry:
-        state.quotas.take(client, "megapixels", out_h * out_w)
+    reserved = 0
+    if header is not None:
+        out_h, out_w = hr_size(header.height, scale), hr_size(header.width, scale)
+        _check_output(out_h, out_w, settings.max_output_pixels)
+        if client is not None and not retry:
+            state.quotas.take(client, "megapixels", out_h * out_w)
+        try:
+            state.engine.reserve(out_h * out_w)
+        except Overloaded as exc:
+            raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
+        reserved = out_h * out_w
     try:
-        job = state.engine.submit(model, decoded.lr, scale, steps, seed, settings.deadline_s)
-    except Overloaded as exc:
-        raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
+        try:
+            decoded = await asyncio.to_thread(imagefile.decode, upload.image, spec, upload.bands,
+                                              settings.max_input_pixels, deadline=deadline, **limits)
+            fmt = rasters.choose_format(upload.format, request.headers.get("accept", ""), decoded)
+        except ImageDecodeError as exc:
+            raise image_error(exc) from None
+        except imagefile.DecodeTimeout as exc:
+            raise ClientError(504, "deadline_exceeded", f"{exc} ({settings.deadline_s:g} s, HNDSR_DEADLINE_S); "
+                              "send a smaller raster or fewer bands") from None
+        in_h, in_w = decoded.lr.shape[:2]
+        out_h, out_w = hr_size(in_h, scale), hr_size(in_w, scale)
+        if not reserved:  # a header only the full decoder could read
+            _check_output(out_h, out_w, settings.max_output_pixels)
+            if client is not None and not retry:
+                state.quotas.take(client, "megapixels", out_h * out_w)
+        try:
+            job = state.engine.submit(model, decoded.lr, scale, steps, seed, max(0.0, deadline - time.monotonic()),
+                                      reserved=bool(reserved))
+            reserved = 0  # the job holds it now, and releases it when it ends
+        except Overloaded as exc:
+            raise ClientError(503, "overloaded", str(exc), {"Retry-After": "2"}) from None
+    finally:
+        if reserved:
+            state.engine.release(reserved)
     try:
         output = await state.until_drained(asyncio.wrap_future(job.future))
     except DeadlineExceeded as exc:  # a server error of this version too: the candidate's is answered by production

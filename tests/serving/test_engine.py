@@ -218,6 +218,29 @@ def test_admission_refuses_beyond_the_pixel_budget(loaded):
         engine.close()
 
 
+def test_a_reservation_made_before_decoding_is_taken_over_by_the_job(loaded):
+    """The server reserves a request's output pixels from its header, before decoding: a second request that does
+    not fit is refused while the first one is still decoding, and the job releases the reservation when it ends."""
+    pixels = hr_size(40, 4) ** 2
+    engine = Engine(torch.device("cpu"), pass_pixels=20_000, overlap=4, max_queue_pixels=pixels)
+    try:
+        engine.reserve(pixels)  # the first request, decoding
+        with pytest.raises(Overloaded, match="busy"):
+            engine.reserve(1)
+        with pytest.raises(Overloaded, match="busy"):
+            submit8(engine, loaded, np.zeros((8, 8, 3), np.uint8), 2.0, 1, 0, 60)
+        job = engine.submit(loaded, RGB.image_to_model(np.zeros((40, 40, 3), np.uint8)), 4.0, 1, 0, 60,
+                            reserved=True)
+        assert engine.queued_pixels == pixels  # not counted twice
+        job.future.result(timeout=300)
+        assert engine.queued_pixels == 0
+        engine.reserve(pixels)  # a request that failed to decode gives its reservation back
+        engine.release(pixels)
+        assert engine.queued_pixels == 0
+    finally:
+        engine.close()
+
+
 def test_compiled_bfloat16_model_serves_within_the_tolerance(tmp_path):
     """The cheaper modes when their checks pass: bfloat16 (on a CPU with bfloat16 instructions; elsewhere the
     check says why not) and a compiled UNet, then served through the engine at an integer and a non-integer scale,

@@ -122,3 +122,54 @@ def test_a_tiff_without_georeference_comes_back_without_one(servers):
     with MemoryFile(response.content) as out_memory, out_memory.open() as out:
         assert out.crs is None and out.transform.is_identity and (out.width, out.height) == (75, 50)
         assert out.dtypes[0] == "uint16"
+
+
+def _raster(count: int, dtype: str, size: int, interleave: str = "pixel") -> bytes:
+    memory = MemoryFile()
+    with memory.open(driver="GTiff", width=size, height=size, count=count, dtype=dtype, interleave=interleave,
+                     compress="deflate", tiled=True, blockxsize=256, blockysize=256) as dst:
+        ramp = np.add.outer(np.arange(size), np.arange(size))  # compresses well: a small upload, large when decoded
+        dst.write(np.stack([(ramp + band) % 200 for band in range(count)]).astype(dtype))
+    return memory.read()
+
+
+def _rss_mb(server: Server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return float(re.search(r"^process_resident_memory_bytes (\S+)$", metrics, re.M).group(1)) / 2**20
+
+
+def test_decoding_reads_only_the_chosen_bands_within_the_band_and_bytes_limits(servers):
+    """The probe's case (2,000 bands, 3 chosen) is refused from the header; at the limit (64 bands of a pixel-
+    interleaved raster) the 3 chosen bands are read window by window and memory stays bounded."""
+    import time
+
+    too_many = _raster(2000, "uint8", 64)
+    start = time.monotonic()
+    refused = post(servers[3], too_many, bands="1,2,3")
+    assert refused.status_code == 422 and refused.json()["error"] == "too_many_bands", refused.text
+    assert "the raster has 2000 bands, above this server's limit of 64" in refused.json()["detail"]
+    assert time.monotonic() - start < 5  # from the header, nothing decoded
+    wide = _raster(17, "float64", 16)  # 136 bytes per pixel
+    over = post(servers[3], wide, bands="1,2,3")
+    assert over.status_code == 413 and over.json()["error"] == "input_too_large", over.text
+    assert "17 bands of float64 are 136 bytes per pixel, above the limit of 128" in over.json()["detail"]
+
+    before = _rss_mb(servers[3])
+    at_limit = _raster(64, "uint8", 1024)  # 64 MB of pixels, 3 of its bands used
+    answer = post(servers[3], at_limit, bands="1,2,3", steps="0", scale="2")
+    assert answer.status_code == 200, answer.text
+    # The chosen bands as floats (12 MB), the output (4 MP x 3), GDAL's bounded cache; never all 64 bands' floats.
+    assert _rss_mb(servers[3]) - before < 600, (before, _rss_mb(servers[3]))
+
+
+def test_decoding_stops_at_the_deadline(geotiff):
+    """Between row windows the request's deadline is checked: a decode that passes it stops (the server's 504)."""
+    import time
+
+    from hndsr import imagefile
+    from hndsr.raster import DataSpec
+
+    data = (geotiff / "landsat8_rgb_uint16.tif").read_bytes()
+    assert imagefile.decode(data, DataSpec.fixed(), None, 10**7, deadline=time.monotonic() + 60).lr.shape[2] == 3
+    with pytest.raises(imagefile.DecodeTimeout, match="passed the request's deadline"):
+        imagefile.decode(data, DataSpec.fixed(), None, 10**7, deadline=time.monotonic() - 1)
