@@ -134,7 +134,8 @@ async def _follow_production(state: State) -> None:
 
 async def _follow_canary(state: State) -> None:
     try:
-        await rollout.follow_canary(state)
+        async with state.canary_lock:
+            await rollout.follow_canary(state)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # production keeps serving every client

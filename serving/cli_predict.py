@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         results = predict_on_cluster(args.inputs, args.out, settings, options, cluster)
     else:
         try:
-            model, engine = runtime.start(settings)
+            model, engine = runtime.start(settings, calibrate=False)
         except ModelLoadError as exc:
             raise PredictError(f"cannot load the model: {exc}") from None
         try:

@@ -223,6 +223,26 @@ class Job:
         return self.out_height * self.out_width
 
 
+@dataclass(frozen=True)
+class Speed:
+    """How long a model takes on this engine, measured at load (`Engine.calibrate`): a pass of `pass_pixels`
+    output pixels costs `fixed_s` plus `step_s` per DDIM step (measured with the engine's self-ensemble, if on);
+    a request costs its tiles' output pixels in proportion. Used to refuse at once what could not finish before
+    its deadline."""
+
+    pass_pixels: int
+    fixed_s: float
+    step_s: float
+
+    def seconds(self, work_pixels: int, steps: int) -> float:
+        return work_pixels / self.pass_pixels * (self.fixed_s + steps * self.step_s)
+
+    def to_dict(self) -> dict:
+        per_mp = 1e6 / self.pass_pixels
+        return {"s_per_output_megapixel": round(self.fixed_s * per_mp, 4),
+                "s_per_output_megapixel_step": round(self.step_s * per_mp, 4)}
+
+
 @dataclass
 class LoadedModel:
     """A model ready to serve, with what /v1/model reports about it."""
@@ -231,6 +251,7 @@ class LoadedModel:
     info: dict
     device: torch.device
     acceleration: Acceleration = field(default_factory=Acceleration)
+    speed: Speed | None = None  # set by Engine.calibrate
 
 
 class Engine:
@@ -254,6 +275,43 @@ class Engine:
                         for i in range(workers)]
         for worker in self.workers:
             worker.start()
+
+    def calibrate(self, loaded: LoadedModel) -> Speed:
+        """Time one full-budget pass of `loaded` at its largest scale with 0 and 2 DDIM steps (after a warm-up
+        pass), in the arithmetic it serves with; sets and returns `loaded.speed`."""
+        model, scale = loaded.model, loaded.model.max_scale
+        edge = max(smallest_tile(self.overlap), int(math.sqrt(self.pass_pixels) / scale))
+        generator = torch.Generator().manual_seed(0)
+        lr = torch.rand(1, model.data.channels, edge, edge, generator=generator).to(loaded.device)
+
+        def timed(steps: int) -> float:
+            start = time.perf_counter()
+            with torch.inference_mode(), loaded.acceleration.autocast(loaded.device):
+                model.super_resolve(lr, scale, steps=steps, seed=[0], ensemble=self.ensemble)
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize(loaded.device)
+            return time.perf_counter() - start
+
+        timed(0)
+        fixed = timed(0)
+        step = max(0.0, (timed(2) - fixed) / 2)
+        pixels = hr_size(edge, scale) ** 2
+        # Per pass of the full budget (a pass's cost grows with its pixels; the probe may be a little smaller).
+        loaded.speed = Speed(self.pass_pixels, fixed * self.pass_pixels / pixels, step * self.pass_pixels / pixels)
+        log.info("speed of version %s on %s: %.3g s per output megapixel + %.3g s per megapixel and DDIM step "
+                 "(one pass of %dx%d px at x%g)", loaded.info.get("version"), loaded.device,
+                 loaded.speed.to_dict()["s_per_output_megapixel"],
+                 loaded.speed.to_dict()["s_per_output_megapixel_step"], edge, edge, scale)
+        return loaded.speed
+
+    def estimate(self, loaded: LoadedModel, height: int, width: int, scale: float, steps: int) -> float | None:
+        """Seconds `loaded` would take on an LR image of height x width alone (its tiles' output pixels at the
+        measured speed); None before calibration."""
+        if loaded.speed is None:
+            return None
+        tiles = plan_tiles(height, width, scale, self.pass_pixels, self.overlap)
+        work = sum(hr_size(t.height, scale) * hr_size(t.width, scale) for t in tiles)
+        return loaded.speed.seconds(work, steps)
 
     def describe(self) -> dict:
         """The engine's limits, as /v1/model shows them."""

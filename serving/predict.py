@@ -164,7 +164,7 @@ def _predict_task(settings, out_dir: Path, options: Options, item: tuple[Path, P
         for _, engine in _WORKER_MODEL.values():
             engine.close()
         _WORKER_MODEL.clear()
-        _WORKER_MODEL[key] = runtime.start(settings)
+        _WORKER_MODEL[key] = runtime.start(settings, calibrate=False)
     model, engine = _WORKER_MODEL[key]
     return predict_file(item[0], item[1], out_dir, model, engine, options)
 

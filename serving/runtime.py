@@ -37,8 +37,10 @@ def check_budget(loaded: LoadedModel, pass_pixels: int, overlap: int) -> None:
             f"largest scale (x{scale:g}) has {smallest / 1e6:.3f} output megapixels")
 
 
-def start(settings: Settings, *, on_batch: Callable[[int], None] | None = None) -> tuple[LoadedModel, Engine]:
-    """Load settings.model_uri on settings.device (checked and warmed), size the engine and start it.
+def start(settings: Settings, *, on_batch: Callable[[int], None] | None = None,
+          calibrate: bool = True) -> tuple[LoadedModel, Engine]:
+    """Load settings.model_uri on settings.device (checked and warmed), size the engine and start it; `calibrate`:
+    measure the model's speed on it (Engine.calibrate), which the server's admission needs.
     Raises loader.ModelLoadError with the reason when the model cannot be loaded or does not fit the budget."""
     device = loader.pick_device(settings.device)
     max_batch = acceleration.default_max_batch(settings.max_batch, device)
@@ -50,6 +52,9 @@ def start(settings: Settings, *, on_batch: Callable[[int], None] | None = None) 
     engine = Engine(device, pass_pixels=pass_pixels, overlap=settings.tile_overlap, max_batch=max_batch,
                     workers=workers, max_queue_pixels=settings.max_queue_pixels,
                     self_ensemble=settings.self_ensemble, on_batch=on_batch)
+    if calibrate:  # the server refuses what could not finish by its deadline; batch prediction has none
+        engine.calibrate(model)
+        model.info["speed"] = model.speed.to_dict()
     log.info("engine on %s: passes of up to %.2f output megapixels (an image whose output fits is one tile), "
              "up to %d tiles per pass, %d passes in flight, tile overlap %d px%s", device, budget, max_batch,
              workers, settings.tile_overlap,
@@ -91,6 +96,8 @@ async def load_version(state: State, uri: str, version: str, role: str) -> Loade
         new = await asyncio.to_thread(loader.load, uri, state.model.device, version=version,
                                       **load_options(state.settings, state.engine.max_batch))
         check_budget(new, state.engine.pass_pixels, state.settings.tile_overlap)
+        await asyncio.to_thread(state.engine.calibrate, new)
+        new.info["speed"] = new.speed.to_dict()
     except asyncio.CancelledError:
         raise
     except loader.ModelIntegrityError as exc:

@@ -52,6 +52,7 @@ class State:
         self.monitor = Monitor(settings.canary_window_s, settings.canary_min_requests,
                                settings.canary_max_error_ratio, settings.canary_max_latency_ratio)
         self.engine: Engine | None = None
+        self.canary_lock = asyncio.Lock()  # one roll-out follow at a time (start-up's and the poll's may overlap)
         self.load_failures: dict[str, LoadFailure] = {}  # versions the hot reload could not load (serving/app.py)
         self.registry_down = False  # the last poll could not read the registry
         self.ready = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -85,6 +86,31 @@ def _check_output(out_h: int, out_w: int, limit: int) -> None:
                           f"pixels, above the limit of {limit}; use a smaller image or scale")
 
 
+def _check_time(state: StateDep, model, header, scale: float, steps: int, *, candidate: bool) -> None:
+    """Refuse at once (413 `would_not_finish`) a request whose estimated time alone on this server (the model's
+    speed measured at load, Engine.calibrate) is past the deadline, saying the largest input and the most steps
+    that would finish; for a roll-out candidate, a failure of the candidate (production answers)."""
+    settings = state.settings
+    seconds = state.engine.estimate(model, header.height, header.width, scale, steps)
+    if seconds is None or seconds <= settings.deadline_s:
+        return
+    if candidate:
+        state.monitor.record(str(model.info["version"]), ok=False)
+        rollout.judge(state)
+        raise CandidateFailed() from RuntimeError(f"estimated {seconds:.0f} s, past the {settings.deadline_s:g} s "
+                                                  "deadline")
+    ratio = settings.deadline_s / seconds
+    edge = math.isqrt(int(header.height * header.width * ratio))  # cost grows with the pixels
+    speed = model.speed
+    passes = seconds / (speed.fixed_s + steps * speed.step_s)  # full-budget passes' worth of work
+    fewer = math.floor((settings.deadline_s / passes - speed.fixed_s) / speed.step_s) if speed.step_s > 0 else -1
+    steps_hint = f", or at most {fewer} steps at this size" if 0 <= fewer < steps else ""
+    raise ClientError(413, "would_not_finish", f"a {header.width}x{header.height} input at x{scale:g} with {steps} "
+                      f"steps would take about {seconds:.0f} s on this server, past its deadline of "
+                      f"{settings.deadline_s:g} s (HNDSR_DEADLINE_S): send at most about {edge}x{edge} px at this "
+                      f"scale and steps{steps_hint}, or tile the scene (`hndsr predict` has no deadline)")
+
+
 class CandidateFailed(Exception):
     """The roll-out candidate failed on this request; production answers it instead."""
 
@@ -128,6 +154,7 @@ async def _answer(request: Request, state: StateDep, upload, model, *, candidate
     if header is not None:
         out_h, out_w = hr_size(header.height, scale), hr_size(header.width, scale)
         _check_output(out_h, out_w, settings.max_output_pixels)
+        _check_time(state, model, header, scale, steps, candidate=candidate)
         if client is not None and not retry:
             state.quotas.take(client, "megapixels", out_h * out_w)
         try:

@@ -22,6 +22,19 @@ function clearError() {
   $("error").textContent = "";
 }
 
+function clearResult() {
+  // A new run or an error: the previous result goes, so nothing on the page belongs to another request.
+  $("result").hidden = true;
+  for (const id of ["after", "before", "output-view", "input-view"]) $(id).removeAttribute("src");
+  $("download").removeAttribute("href");
+  state.urls.forEach((url) => URL.revokeObjectURL(url));
+  state.urls = [];
+}
+
+function isTiff(file) {
+  return /^image\/tiff$/.test(file.type) || /\.tiff?$/i.test(file.name);
+}
+
 async function errorBody(response) {
   try { return await response.json(); } catch { return null; }
 }
@@ -105,6 +118,7 @@ async function run(event) {
   clearError();
   const file = $("file").files[0];
   if (!file) {
+    clearResult();
     showError({ error: "missing_file", detail: "choose an image first" }, 0);
     $("file").focus();
     return;
@@ -115,35 +129,37 @@ async function run(event) {
   form.append("scale", $("scale-number").value);
   if ($("steps").value !== "") form.append("steps", $("steps").value);
   form.append("seed", $("seed").value || "0");
-  if (displayable(file)) form.append("format", "png");
+  const format = $("format").value;
+  form.append("format", format !== "auto" ? format : isTiff(file) ? "tiff" : "png");
   $("run").disabled = true;
   $("status").textContent = "Running\u2026";
   const started = performance.now();
   try {
     const response = await fetch("/v1/super-resolve", { method: "POST", body: form, headers: authHeaders() });
     if (!response.ok) {
+      clearResult();
       showError(await errorBody(response), response.status);
       if (response.status === 401) $("key-row").hidden = false;
       $("status").textContent = "";
       return;
     }
     const blob = await response.blob();
-    state.urls.forEach((url) => URL.revokeObjectURL(url));
-    state.urls = [];
+    clearResult();
     const output = keep(URL.createObjectURL(blob));
     const [width, height] = (response.headers.get("X-Output-Size") || "0x0").split("x").map(Number);
     const png = blob.type === "image/png";
-    for (const [id, url] of [["after", output], ["output-view", output]]) {
-      $(id).src = png ? url : "";
-    }
     const input = displayable(file) ? keep(URL.createObjectURL(file)) : "";
-    for (const id of ["before", "input-view"]) $(id).src = input;
+    // Browsers cannot show a TIFF: no image boxes then (never a broken image), only the facts and the download.
+    if (png) for (const id of ["after", "output-view"]) $(id).src = output;
+    if (png && input) for (const id of ["before", "input-view"]) $(id).src = input;
     for (const id of ["after", "before"]) {
       $(id).width = width;
       $(id).height = height;
     }
     $("compare").hidden = !(png && input);
-    $("slider").hidden = !(png && input);
+    $("slider-row").hidden = !(png && input);
+    $("side-by-side").hidden = !png;
+    $("input-view").closest("figure").hidden = !input;
     $("result-facts").textContent =
       `${width}\u00d7${height} px at x${response.headers.get("X-Scale")}, ${response.headers.get("X-Steps")} DDIM steps, ` +
       `seed ${response.headers.get("X-Seed")}, model version ${response.headers.get("X-Model-Version")} ` +
@@ -156,6 +172,7 @@ async function run(event) {
     $("status").textContent = "Done.";
     slide();
   } catch (error) {
+    clearResult();
     showError({ error: "network", detail: `the request failed: ${error}` }, 0);
     $("status").textContent = "";
   } finally {

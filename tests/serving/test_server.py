@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -385,14 +386,31 @@ def test_queue_full_is_503_with_retry_after(model_dir, tmp_path):
         s.stop()
 
 
-def test_deadline_is_504(model_dir, tmp_path):
-    s = Server({"MODEL_URI": str(model_dir), "HNDSR_DEADLINE_S": "0.05", "HNDSR_PASS_MEGAPIXELS": "0.02",
-                "HNDSR_TILE_OVERLAP": "4"}, tmp_path)
+def test_what_cannot_finish_is_refused_at_once_and_what_runs_late_is_504(model_dir, tmp_path):
+    s = Server({"MODEL_URI": str(model_dir), "HNDSR_DEADLINE_S": "1", "HNDSR_PASS_MEGAPIXELS": "0.02",
+                "HNDSR_TILE_OVERLAP": "4", "HNDSR_MAX_INPUT_PIXELS": "10000000",
+                "HNDSR_MAX_OUTPUT_PIXELS": "100000000", "HNDSR_MAX_QUEUE_PIXELS": "200000000"}, tmp_path)
     try:
         s.wait_ready()
-        response = post(s.url, png(120, 120), scale="4", steps="40")
-        assert response.status_code == 504 and response.json()["error"] == "deadline_exceeded"
-        assert post(s.url, png(8, 8), steps="0").status_code in (200, 504)  # still serving
+        speed = httpx.get(f"{s.url}/v1/model").json()["speed"]
+        assert speed["s_per_output_megapixel"] > 0 and speed["s_per_output_megapixel_step"] > 0, speed
+        # 2000 x 2000 at x4 with 40 steps: far past a 1 s deadline on any machine: refused from the header, at once.
+        start = time.monotonic()
+        big = post(s.url, png(2000, 2000), scale="4", steps="40")
+        assert big.status_code == 413 and big.json()["error"] == "would_not_finish", big.text
+        assert time.monotonic() - start < 5
+        detail = big.json()["detail"]
+        edge = int(re.search(r"send at most about (\d+)x\1 px", detail).group(1))
+        assert "past its deadline of 1 s (HNDSR_DEADLINE_S)" in detail and 8 <= edge < 2000, detail
+        # What the estimate admits, alone, but waits behind others past the deadline: 504, the server keeps serving.
+        edge = max(8, min(edge // 2, 200))
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda i: post(s.url, png(edge, edge, seed=i), scale="4", steps="40"), range(12)))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 504} and 504 in codes, codes
+        late = next(a for a in answers if a.status_code == 504)
+        assert late.json()["error"] == "deadline_exceeded"
+        assert post(s.url, png(8, 8), steps="0").status_code == 200  # still serving
     finally:
         s.stop()
 
