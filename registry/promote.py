@@ -103,8 +103,7 @@ def registered_candidate(version: Version, checkpoints: Path) -> Candidate:
     if not scores:
         raise RegistryError(f"version {version.version} carries no evaluation tags (eval.x<scale>.*): it was not "
                             "registered by `hndsr registry`; promote a pipeline candidate instead")
-    check_weights(version, checkpoints)
-    weights = {stage: weights_hash(checkpoints / stage) for stage in STAGES}
+    weights = check_weights(version, checkpoints)
     evaluation = {"dataset_hash": tags.get("dataset_hash", ""), "steps": tags.get("eval.steps"),
                   "seed": tags.get("eval.seed"), "scales": scores}
     run_ids = {stage: tags.get(f"run_id.{stage}", "") for stage in STAGES}

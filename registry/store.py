@@ -54,10 +54,11 @@ def weight_tags(checkpoints: Path) -> dict[str, str]:
     return {f"weights.{stage}": weights_hash(Path(checkpoints) / stage) for stage in STAGES}
 
 
-def check_weights(version: Version, checkpoints: Path) -> None:
+def check_weights(version: Version, checkpoints: Path) -> dict[str, str]:
     """IntegrityError unless every weight file in `checkpoints` (a downloaded copy of `version`) has the SHA-256
     recorded in the version's `weights.<stage>` tags at registration. Every load of a registered version (the
-    server, its hot reloads and roll-outs, `hndsr registry promote --version`) calls this before using them."""
+    server, its hot reloads and roll-outs, `hndsr registry promote --version`) calls this before using them.
+    Returns the checked hashes by stage."""
     found = weight_tags(checkpoints)
     recorded = {key: version.tags.get(key) for key in found}
     if not all(recorded.values()):
@@ -70,6 +71,7 @@ def check_weights(version: Version, checkpoints: Path) -> None:
                              f"it was registered with (SHA-256 {found[changed[0]][:12]}, recorded "
                              f"{recorded[changed[0]][:12]}): the artifact store was altered; restore its files or "
                              "register a new version")
+    return {key.removeprefix("weights."): digest for key, digest in found.items()}
 
 
 @dataclass(frozen=True)

@@ -298,10 +298,10 @@ class Engine:
         pixels = hr_size(edge, scale) ** 2
         # Per pass of the full budget (a pass's cost grows with its pixels; the probe may be a little smaller).
         loaded.speed = Speed(self.pass_pixels, fixed * self.pass_pixels / pixels, step * self.pass_pixels / pixels)
+        figures = loaded.speed.to_dict()
         log.info("speed of version %s on %s: %.3g s per output megapixel + %.3g s per megapixel and DDIM step "
                  "(one pass of %dx%d px at x%g)", loaded.info.get("version"), loaded.device,
-                 loaded.speed.to_dict()["s_per_output_megapixel"],
-                 loaded.speed.to_dict()["s_per_output_megapixel_step"], edge, edge, scale)
+                 figures["s_per_output_megapixel"], figures["s_per_output_megapixel_step"], edge, edge, scale)
         return loaded.speed
 
     def estimate(self, loaded: LoadedModel, height: int, width: int, scale: float, steps: int) -> float | None:

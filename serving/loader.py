@@ -116,15 +116,16 @@ def _registry_errors(name: str):
     try:
         yield
     except (RegistryError, MlflowException, OSError) as exc:
-        raise RegistryUnavailable(f"{name}: {_first_line(exc)}") from None
+        raise RegistryUnavailable(f"{name}: {first_line(exc)}") from None
     except Exception as exc:  # SQLAlchemy errors of a database tracking URI (locked, gone)
         if type(exc).__module__.startswith("sqlalchemy"):
-            raise RegistryUnavailable(f"{name}: the tracking database cannot be read now: {_first_line(exc)}") \
+            raise RegistryUnavailable(f"{name}: the tracking database cannot be read now: {first_line(exc)}") \
                 from None
         raise
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type when it has none), at most 500 characters."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:500]
 
@@ -193,7 +194,7 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
     except IntegrityError as exc:
         raise ModelIntegrityError(f"{name} {exc}") from None
     except (RegistryError, MlflowException, OSError) as exc:  # unreachable, missing, or a failed download
-        message = _first_line(exc)
+        message = first_line(exc)
         raise ModelLoadError(message if message.startswith(f"{name} ") else f"{name}: {message}") from None
     tags = registered.tags
     info = {"name": name, "version": version, "alias": alias, "source": f"models:/{name}/{version}",

@@ -112,9 +112,8 @@ async def load_version(state: State, uri: str, version: str, role: str) -> Loade
         delay = min(RETRY_MAX_S, max(state.settings.poll_s, RETRY_MIN_S) * 2 ** (attempts - 1))
         state.load_failures[version] = LoadFailure(str(exc), attempts, time.monotonic() + delay)
         state.metrics.reloads.labels(outcome="failed").inc()
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.error("loading version %s as the %s failed, still serving version %s (tried again in %.0f s): %s",
-                  version, role, serving, delay, reason)
+                  version, role, serving, delay, loader.first_line(exc))
         return None
     state.load_failures.pop(version, None)
     return new
