@@ -19,11 +19,12 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test tools lint status ui clean help lock lock-check
+.PHONY: setup repro test tools image lint status ui clean help lock lock-check
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
 	@echo "make test    set up .venv and run the tests"
+	@echo "make image   build the serving image hndsr-serve:latest on this machine (README: The container)"
 	@echo "make lint    ruff over the code"
 	@echo "make lock    re-resolve the lock files (requirements/*.txt) after changing pyproject.toml"
 	@echo "             (make lock LOCK_ARGS=--upgrade moves every package to its newest allowed version)"
@@ -64,8 +65,9 @@ repro: $(STAMP)
 
 # Tools the tests call that are not Python packages: promtool (Debian's prometheus package) for the monitoring
 # kit's rule tests, kubectl (its kustomize builds the Kubernetes manifests; Debian's kubernetes-client if none is
-# installed), Chromium and ChromeDriver (the web page's test). Installed with apt-get (as root, or through sudo)
-# when missing.
+# installed), Chromium and ChromeDriver (the web page's test), and a Docker engine with debootstrap and a compose
+# client (the container, stack and workflow tests: Debian's docker.io, debootstrap, docker-compose; dockerd is
+# started when none answers). Installed with apt-get (as root, or through sudo) when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 tools:
 	@command -v promtool >/dev/null || { echo "installing promtool (Debian package prometheus) for tests/deploy"; \
@@ -78,6 +80,28 @@ tools:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing chromium and chromedriver for the page test"; \
 	  $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
+	@for tool in docker:docker.io debootstrap:debootstrap; do command -v $${tool%%:*} >/dev/null && continue; \
+	  echo "installing $${tool#*:} for the container tests"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends $${tool#*:} >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends $${tool#*:} >/dev/null; }; done
+	@{ docker compose version || command -v docker-compose; } >/dev/null 2>&1 || { echo "installing docker-compose"; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends docker-compose >/dev/null; }; }
+	@docker info >/dev/null 2>&1 || { echo "starting dockerd (log: /var/log/hndsr-dockerd.log)"; \
+	  $(SUDO) sh -c 'nohup dockerd >/var/log/hndsr-dockerd.log 2>&1 &'; \
+	  for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done; \
+	  docker info >/dev/null 2>&1 || { echo "error: dockerd did not start; see /var/log/hndsr-dockerd.log"; exit 1; }; }
+
+# The serving image, built here as the tests build it: on a base made from Debian's packages (no container
+# registry needed), trusting this machine's extra CA certificates, with torch's CPU build unless this machine has
+# an NVIDIA GPU (then PyPI's default, the CUDA build). IMAGE_BASE=python:3.11-slim-bookworm builds on the registry's.
+IMAGE_TAG ?= hndsr-serve:latest
+IMAGE_BASE ?= local
+IMAGE_CA_CERTS ?= /usr/local/share/ca-certificates
+IMAGE_TORCH ?= $(if $(shell command -v nvidia-smi),cuda,cpu)
+image: tools
+	deploy/images/build.sh --tag $(IMAGE_TAG) --ca-certs $(IMAGE_CA_CERTS) $(if $(filter cpu,$(IMAGE_TORCH)),--cpu-torch) \
+	  $(if $(filter local,$(IMAGE_BASE)),--local-base,-- --build-arg BASE=$(IMAGE_BASE))
 
 test: $(STAMP) tools
 	$(RUN) pytest

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures of real tracking servers and trained candidates, for every folder that needs them (registry, the
+# container and the CI workflows): one definition, so a session trains the candidates once.
+pytest_plugins = ["tests.tracking"]
+
 REPO = Path(__file__).resolve().parents[1]
 REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO.parent / "shared" / "data" / "realsat"))
 

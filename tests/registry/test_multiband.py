@@ -17,9 +17,9 @@ from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
 from tests.conftest import REPO
-from tests.registry.conftest import PROMOTE, TRAIN, run
 from tests.serving.test_predict import RGBN, check_georeferenced_output
 from tests.serving.test_server import Server
+from tests.tracking import PROMOTE, TRAIN, run
 
 pytestmark = pytest.mark.slow
 

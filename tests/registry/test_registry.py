@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import free_port
-from tests.registry.conftest import run, start_mlflow_server
+from tests.tracking import run, start_mlflow_server
 
 pytestmark = pytest.mark.slow
 

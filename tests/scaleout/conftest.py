@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.registry.conftest import MlflowServer, start_mlflow_server
+from tests.tracking import MlflowServer, start_mlflow_server
 
 BIN = Path(sys.executable).parent
 IMAGES = ("landsat8_grenada.png", "spacenet6_rotterdam_urban.png", "landsat7_bahamas_crop.png")

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def registry_server(tmp_path, monkeypatch):
     from registry.store import Registry
-    from tests.registry.conftest import start_mlflow_server
+    from tests.tracking import start_mlflow_server
 
     mlflow_server = start_mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)

@@ -1,5 +1,5 @@
-"""The serving image and the compose stack, checked without a Docker engine (none on these machines): the
-compose file by `docker compose config` where a compose client exists, and both files for what they promise."""
+"""The serving image's and the compose stack's production files for what they promise (the CUDA default, the
+lock, the GPU reservation), by reading them: tests/deploy/test_image.py and test_stack.py build and run them."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def test_dockerfile_is_minimal_locked_non_root_and_health_checked():
     base = text.split("ARG BASE=", 1)[1].splitlines()[0]
     assert base.startswith("python:3.11")  # the Python the lock files are resolved for
     # The serve extra's lock, hash-checked; torch at the version pyproject.toml pins; the project without deps.
-    assert "pip install --require-hashes --no-deps -r requirements/serve.txt" in text
+    assert "pip install -q --require-hashes --no-deps -r /tmp/requirements/serve.txt" in text
     torch_pin = next(d for d in pyproject()["project"]["optional-dependencies"]["serve"] if d.startswith("torch"))
-    assert f'ARG TORCH_SPEC="{torch_pin}"' in text and "pip install ${TORCH_SPEC}" in text
-    assert "pip install --no-deps --no-build-isolation ." in text
+    assert f'ARG TORCH_SPEC="{torch_pin}"' in text and "pip install -q ${TORCH_SPEC}" in text
+    assert "pip install -q --no-deps --no-build-isolation ." in text
     assert "\nUSER hndsr" in text and "HEALTHCHECK" in text and "/readyz" in text
     assert 'ENTRYPOINT ["hndsr", "serve"' in text
     ignored = (REPO / ".dockerignore").read_text().split()

@@ -500,7 +500,7 @@ def test_hot_reload_follows_the_alias(tmp_path, realsat):
 
     from registry.promote import PYFUNC_FILE
     from registry.store import Registry
-    from tests.registry.conftest import start_mlflow_server
+    from tests.tracking import start_mlflow_server
 
     mlflow_server = start_mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "art"), tmp_path)
     try:

@@ -1,4 +1,5 @@
-"""Real `mlflow server` processes and real (tiny) trained candidates for the registry tests.
+"""Real `mlflow server` processes and real (tiny) trained candidates for the registry, container and CI
+workflow tests (a plugin of tests/conftest.py: one definition, so a session trains the candidates once).
 
 Candidates are trained once per session by the real stage commands (`hndsr etl/train/evaluate`) on three real
 images from ../shared/data/realsat:
@@ -47,14 +48,16 @@ class MlflowServer:
         stop_process(self.process, timeout=20)
 
 
-def start_mlflow_server(backend: str, artifacts: str, workdir: Path, env: dict[str, str] | None = None) -> MlflowServer:
+def start_mlflow_server(backend: str, artifacts: str, workdir: Path, env: dict[str, str] | None = None,
+                        host: str = "127.0.0.1") -> MlflowServer:
+    """`host`: the address it listens on and is reached at (containers reach this host at Docker's bridge)."""
     port = free_port()
     log = workdir / f"mlflow-server-{port}.log"
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+         "--host", host, "--port", str(port), "--workers", "1"],
         cwd=workdir, env={**os.environ, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://{host}:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -145,14 +148,19 @@ def make_project(tmp_path, candidates) -> Callable[..., Path]:
     default_name = f"hndsr-test-{uuid.uuid4().hex[:8]}"
 
     def make(candidate: str, *, model_name: str | None = None, folder: str | None = None, **promote) -> Path:
-        source = candidates[candidate]
-        project = tmp_path / (folder or candidate)
-        project.mkdir()
-        for name in ("data", "models", "metrics"):
-            shutil.copytree(source / name, project / name)
-        params = yaml.safe_load((source / "params.yaml").read_text())
-        params["promote"].update(model_name=model_name or default_name, **promote)
-        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        return project
+        return copy_candidate(candidates[candidate], tmp_path / (folder or candidate), model_name or default_name,
+                              **promote)
 
     return make
+
+
+def copy_candidate(source: Path, project: Path, model_name: str, **promote) -> Path:
+    """A new project folder with a trained candidate's params, data, models and metrics, registering as
+    `model_name` (and `promote` overrides)."""
+    project.mkdir(parents=True)
+    for name in ("data", "models", "metrics"):
+        shutil.copytree(source / name, project / name)
+    params = yaml.safe_load((source / "params.yaml").read_text())
+    params["promote"].update(model_name=model_name, **promote)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return project
