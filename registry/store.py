@@ -35,7 +35,11 @@ log = logging.getLogger("hndsr.registry")
 CHECKPOINTS = "checkpoints"  # the artifact holding models/{autoencoder,operator,diffusion}
 # A tracking server that stops answering mid-command fails it within seconds, not after MLflow's default
 # minutes of retries (users can still set these themselves).
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# Downloads go through the tracking server's proxy: on an S3 artifact store MLflow's server also offers clients
+# presigned S3 URLs, which name the server's own S3 endpoint (http://minio:9000 inside the compose network), one a
+# client elsewhere cannot reach; MLflow then retries each file for minutes before falling back to the proxy.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+                  "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
 
 
 class RegistryError(UserError, RuntimeError):

@@ -14,19 +14,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.containers import Container, bridge_gateway, build_serve_image, docker, require_engine
+from tests.containers import Container, bridge_gateway, docker, require_engine
 from tests.serving.test_predict import check_georeferenced_output
 from tests.serving.test_server import Server, decode, psnr_255
 from tests.tracking import copy_candidate, run, start_mlflow_server
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 STOP_TIMEOUT_S = 45  # docker run --stop-timeout, as the README and the compose file's stop_grace_period say
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    require_engine()
-    return build_serve_image()["tag"]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +40,8 @@ def published(tmp_path_factory, candidates):
 
 
 @pytest.fixture(scope="module")
-def container(image, published):
-    box = Container(image, ports=(8000,), options=("--stop-timeout", str(STOP_TIMEOUT_S)),
+def container(serve_image, published):
+    box = Container(serve_image, ports=(8000,), options=("--stop-timeout", str(STOP_TIMEOUT_S)),
                     env={"MLFLOW_TRACKING_URI": published["uri"], "MODEL_URI": published["model_uri"],
                          "HNDSR_DRAIN_S": "30"})
     try:

@@ -66,6 +66,12 @@ def test_the_rules_and_the_dashboard_use_only_metrics_the_server_exports(tmp_pat
         text = httpx.get(f"{s.url}/metrics").text
     finally:
         s.stop()
+    check_only_exported_metrics_are_used(text)
+
+
+def check_only_exported_metrics_are_used(text: str) -> None:
+    """Every metric a rule or a dashboard panel names is in `text`, a server's /metrics (here, and the serving
+    container's in tests/deploy/test_stack.py)."""
     exported = set()
     for family in text_string_to_metric_families(text):
         exported |= {family.name, *(sample.name for sample in family.samples)}

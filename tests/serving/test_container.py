@@ -3,6 +3,7 @@ lock, the GPU reservation), by reading them: tests/deploy/test_image.py and test
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,15 +17,36 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "mlflow" / "docker-compose.yml"
 
 
-def test_compose_file_parses_with_a_compose_client():
+def compose_client() -> list[str]:
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
-        command = ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"]
-    elif shutil.which("docker-compose"):
-        command = ["docker-compose", "-f", str(COMPOSE), "config", "--quiet"]
-    else:
-        pytest.skip("no compose client on this machine (GitHub's CI job `compose` runs `docker compose config`)")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.fail("no compose client: `make tools` installs docker-compose")
+
+
+@pytest.mark.parametrize("overlay", [None, "docker-compose.gpu.yml", "docker-compose.local.yml"])
+def test_compose_files_parse_with_a_compose_client(overlay):
+    files = ["-f", str(COMPOSE)] + (["-f", str(COMPOSE.parent / overlay)] if overlay else [])
+    result = subprocess.run([*compose_client(), *files, "config", "--quiet"], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def locked_version(package: str) -> str:
+    text = (REPO / "requirements" / "dev.txt").read_text()
+    return re.search(rf"^{re.escape(package)}==(\S+)", text, re.MULTILINE).group(1)
+
+
+def test_the_stack_runs_the_locked_versions():
+    """The MLflow server the clients talk to, and the local override's builds, at the lock's versions."""
+    production = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert production["mlflow"]["image"] == f"ghcr.io/mlflow/mlflow:v{locked_version('mlflow')}"
+    local = yaml.safe_load((COMPOSE.parent / "docker-compose.local.yml").read_text())["services"]
+    packages = local["mlflow"]["build"]["args"]["PACKAGES"] + " " + local["minio"]["build"]["args"]["PACKAGES"]
+    for package in ("mlflow", "boto3", "moto"):
+        assert f"{package}=={locked_version(package)}" in packages.replace("moto[server]", "moto"), package
+    assert local["mlflow"]["image"].endswith(locked_version("mlflow"))
 
 
 def test_compose_wires_tracking_storage_and_a_gpu_server():
@@ -37,7 +59,9 @@ def test_compose_wires_tracking_storage_and_a_gpu_server():
     serve = services["serve"]
     assert serve["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert serve["build"]["dockerfile"] == "serving/Dockerfile"
-    devices = serve["deploy"]["resources"]["reservations"]["devices"]
+    assert "deploy" not in serve  # runs anywhere; the GPU reservation is the overlay's
+    gpu = yaml.safe_load((COMPOSE.parent / "docker-compose.gpu.yml").read_text())["services"]["serve"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert not (REPO / "mlflow" / "__init__.py").exists()  # would shadow the mlflow package
 
