@@ -19,7 +19,9 @@ from tests.serving.test_predict import check_georeferenced_output
 from tests.serving.test_server import Server, decode, psnr_255
 from tests.tracking import copy_candidate, run, start_mlflow_server
 
-pytestmark = [pytest.mark.container, pytest.mark.slow]
+# The first test's fixtures build the image (3 min 19 s with a cold Docker cache here), may train the session's
+# candidates (about 2.5 min) and wait for the container's health check: more than the default 300 s.
+pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
 STOP_TIMEOUT_S = 45  # docker run --stop-timeout, as the README and the compose file's stop_grace_period say
 
 
