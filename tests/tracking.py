@@ -11,6 +11,7 @@ Each test copies what it needs into its own project folder and uses its own regi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -69,6 +70,27 @@ def start_mlflow_server(backend: str, artifacts: str, workdir: Path, env: dict[s
             time.sleep(0.5)
     process.kill()
     pytest.fail(f"mlflow server did not answer within 120 s: {log.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def postgres_s3_mlflow_server(workdir: Path, s3_server, prefix: str) -> Iterator[tuple[MlflowServer, str]]:
+    """`mlflow server` with runs and registry in a new database on the PostgreSQL at 127.0.0.1:5432 and
+    artifacts in a new bucket of `s3_server`, as a team runs it; the database is dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    database = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    env = {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
+    server = start_mlflow_server(f"postgresql://postgres@127.0.0.1:5432/{database}", f"s3://{bucket}/artifacts",
+                                 workdir, env)
+    try:
+        yield server, bucket
+    finally:
+        server.stop()
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.tracking import copy_candidate, run, start_mlflow_server
+from tests.tracking import copy_candidate, postgres_s3_mlflow_server, run
 from tests.workflow_runner import Runner, load, step_name
 
 pytestmark = [pytest.mark.workflows, pytest.mark.slow]
@@ -87,19 +87,8 @@ def origin(tmp_path_factory, candidates, s3_dvc):
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory, s3_server):
     """The team's tracking server: PostgreSQL for runs and the registry, S3 (local) for artifacts."""
-    psycopg = pytest.importorskip("psycopg")
-    database = f"hndsr_ci_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    server = start_mlflow_server(f"postgresql://postgres@127.0.0.1:5432/{database}", f"s3://{bucket}/artifacts",
-                                 tmp_path_factory.mktemp("ci-tracking"),
-                                 {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint})
-    yield server
-    server.stop()
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with postgres_s3_mlflow_server(tmp_path_factory.mktemp("ci-tracking"), s3_server, "hndsr_ci") as (server, _):
+        yield server
 
 
 @pytest.fixture(scope="module")

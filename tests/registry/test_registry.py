@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import free_port
-from tests.tracking import run, start_mlflow_server
+from tests.tracking import postgres_s3_mlflow_server, run
 
 pytestmark = pytest.mark.slow
 
@@ -328,19 +328,8 @@ def test_errors_are_one_line_and_write_nothing(make_project, mlflow_server):
 
 @pytest.fixture
 def postgres_s3_server(tmp_path, s3_server):
-    psycopg = pytest.importorskip("psycopg")
-    database = f"hndsr_registry_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{database}"')
-    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
-    s3_server.client().create_bucket(Bucket=bucket)
-    env = {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
-    server = start_mlflow_server(f"postgresql://postgres@127.0.0.1:5432/{database}", f"s3://{bucket}/artifacts",
-                                 tmp_path, env)
-    yield server, s3_server, bucket
-    server.stop()
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with postgres_s3_mlflow_server(tmp_path, s3_server, "hndsr_registry") as (server, bucket):
+        yield server, s3_server, bucket
 
 
 def test_promote_and_load_on_postgres_with_s3_artifacts(make_project, postgres_s3_server, realsat, monkeypatch):
