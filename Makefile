@@ -19,12 +19,13 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test tools image lint status ui clean help lock lock-check
+.PHONY: setup repro test tools image worker-image lint status ui clean help lock lock-check
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
 	@echo "make test    set up .venv and run the tests"
 	@echo "make image   build the serving image hndsr-serve:latest on this machine (README: The container)"
+	@echo "make worker-image   the scale-out image hndsr-worker:latest: sweep, Dask and torchrun nodes in containers"
 	@echo "make lint    ruff over the code"
 	@echo "make lock    re-resolve the lock files (requirements/*.txt) after changing pyproject.toml"
 	@echo "             (make lock LOCK_ARGS=--upgrade moves every package to its newest allowed version)"
@@ -80,7 +81,8 @@ tools:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { echo "installing chromium and chromedriver for the page test"; \
 	  $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }; }
-	@for tool in docker:docker.io debootstrap:debootstrap; do command -v $${tool%%:*} >/dev/null && continue; \
+	@for tool in docker:docker.io dockerd:docker.io debootstrap:debootstrap; do command -v $${tool%%:*} >/dev/null && continue; \
+	  [ $${tool%%:*} = dockerd ] && docker info >/dev/null 2>&1 && continue; \
 	  echo "installing $${tool#*:} for the container tests"; \
 	  $(SUDO) apt-get install -y -q --no-install-recommends $${tool#*:} >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q --no-install-recommends $${tool#*:} >/dev/null; }; done
@@ -102,6 +104,12 @@ IMAGE_TORCH ?= $(if $(shell command -v nvidia-smi),cuda,cpu)
 image: tools
 	deploy/images/build.sh --tag $(IMAGE_TAG) --ca-certs $(IMAGE_CA_CERTS) $(if $(filter cpu,$(IMAGE_TORCH)),--cpu-torch) \
 	  $(if $(filter local,$(IMAGE_BASE)),--local-base,-- --build-arg BASE=$(IMAGE_BASE))
+
+# The scale-out image (deploy/images/worker.Dockerfile): the serving image plus the training stack, for sweep
+# workers, Dask workers and torchrun nodes in containers (README: Scaling out).
+WORKER_TAG ?= hndsr-worker:latest
+worker-image: image
+	deploy/images/build.sh --worker --serve $(IMAGE_TAG) --tag $(WORKER_TAG)
 
 test: $(STAMP) tools
 	$(RUN) pytest

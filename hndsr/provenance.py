@@ -1,5 +1,7 @@
 """Where the pipeline records runs and which code made them: the MLflow tracking URI with its local default,
 and the git commit. Training (runs) and the registry (versions) both tag with these; neither imports the other.
+Also what software a machine runs (`software()`), which every machine of one job must share: a sweep's workers,
+the Dask workers of `--cluster`, the nodes of a torchrun group (`check_same_software` refuses the others).
 
 Tracking URI: `MLFLOW_TRACKING_URI`, default `sqlite:///mlflow.db` in the current folder (the repository root
 under DVC) with artifacts in `mlartifacts/` beside it. This module only names places; it does not import MLflow.
@@ -7,9 +9,16 @@ under DVC) with artifacts in `mlartifacts/` beside it. This module only names pl
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
+import platform
 import subprocess
 from pathlib import Path
+
+from hndsr.errors import UserError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -60,3 +69,60 @@ def pipeline_outputs(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
             for item in (stage or {}).get(key) or []:
                 paths.append(str(dvc_file.parent / (next(iter(item)) if isinstance(item, dict) else item)))
     return paths
+
+
+PACKAGES = ("hndsr", "pipeline", "training", "registry", "serving")  # the project's code, as installed
+
+
+@functools.cache
+def code_hash() -> str:
+    """SHA-256 (12 hex digits) of the project's Python files as this interpreter imports them (every `*.py` of
+    PACKAGES, by path within the package): the same commit gives the same hash, installed or editable, on any
+    machine; any edit, even a comment, gives another."""
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        spec = importlib.util.find_spec(package)
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        for root in roots[:1]:
+            for path in sorted(Path(root).rglob("*.py")):
+                content = path.read_bytes()
+                digest.update(f"{package}/{path.relative_to(root).as_posix()}\0{len(content)}\0".encode())
+                digest.update(content)
+    return digest.hexdigest()[:12]
+
+
+def software() -> dict[str, str]:
+    """What this machine runs, as far as the results of a shared job depend on it: the project's version and
+    code (`code_hash`), Python's minor version, and the versions of torch (without its build label: a CUDA and a
+    CPU build of one version may work together) and numpy."""
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name).split("+")[0]
+        except importlib.metadata.PackageNotFoundError:
+            return "missing"
+
+    return {"hndsr": version("hndsr"), "code": code_hash(), "python": ".".join(platform.python_version_tuple()[:2]),
+            "torch": version("torch"), "numpy": version("numpy")}
+
+
+def software_differences(here: dict[str, str], there: dict[str, str]) -> list[str]:
+    """Human-readable differences, e.g. `code 1a2b3c4d5e6f there, 9f8e7d6c5b4a here`; empty when the same."""
+    return [f"{key} {there.get(key, 'unknown')} there, {here.get(key, 'unknown')} here"
+            for key in sorted(set(here) | set(there)) if here.get(key) != there.get(key)]
+
+
+class SoftwareMismatch(UserError):
+    """Another machine of the job runs other software than this one (see `check_same_software`)."""
+
+
+def check_same_software(where: str, theirs: dict[str, str], mine: dict[str, str] | None = None,
+                        than: str = "this machine") -> None:
+    """Raise `SoftwareMismatch` naming `where` (e.g. "the Dask worker tcp://10.0.0.3:40123") and each difference,
+    when `theirs` is not what this machine runs: a job across machines gives one process's results only when
+    every machine runs the same code and packages."""
+    differences = software_differences(mine or software(), theirs)
+    if differences:
+        raise SoftwareMismatch(
+            f"{where} runs other software than {than} ({'; '.join(differences)}): install the same commit "
+            "of the project and the same locked packages on every machine (`make setup` from one commit, or one "
+            "image built from it), then start it again")

@@ -9,7 +9,10 @@ outputs are the same byte for byte as one process. A task that still fails (an e
 or its worker dying `allowed_failures` + 1 times) is reported as a `Failed` item and the others go on.
 
 The functions and their arguments travel to the workers by pickling (code and settings, never weights): every
-worker needs this package installed at the same version and the same paths or object-store URLs readable.
+worker needs this package installed at the same version and the same paths or object-store URLs readable. On a
+cluster at an address, each worker's software (`hndsr.provenance.software`: the project's code hash, Python,
+torch, numpy) is checked against this machine's before any task runs, and again by each task (for a worker that
+joins later): a worker that differs stops the run with a message that names it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from hndsr import cores
+from hndsr import cores, provenance
 from hndsr.config import ConfigError
 
 log = logging.getLogger("hndsr.tasks")
@@ -94,6 +98,11 @@ def _on_dask(fn, items, cluster: Cluster, desc: str, names: list[str]):
         if cluster.scheduler:
             local = None
             client = Client(cluster.scheduler, timeout="30s")
+            try:
+                fn = _same_software_everywhere(client, fn)
+            except BaseException:
+                client.close()
+                raise
         else:
             local = LocalCluster(n_workers=cluster.workers, threads_per_worker=1, processes=True,
                                  dashboard_address=None, silence_logs=logging.WARNING)
@@ -112,6 +121,8 @@ def _on_dask(fn, items, cluster: Cluster, desc: str, names: list[str]):
                 i = index[future.key]
                 try:
                     done[i] = future.result()
+                except provenance.SoftwareMismatch:
+                    raise  # a worker that runs other code would give other results: no task of this run counts
                 except Exception as exc:  # raised by fn after its retries, or KilledWorker
                     log.error("%s: %s failed on the cluster: %s: %s", desc, names[i], type(exc).__name__, exc)
                     done[i] = Failed(f"task failed on the cluster: {type(exc).__name__}: {exc}")
@@ -126,6 +137,23 @@ def _on_dask(fn, items, cluster: Cluster, desc: str, names: list[str]):
         client.close()
         if local is not None:
             local.close()
+
+
+def _same_software_everywhere(client, fn: Callable[[Any], T]) -> Callable[[Any], T]:
+    """Refuse a cluster any of whose workers runs other software than this machine; `fn` wrapped so that a
+    worker joining later refuses its tasks the same way."""
+    mine = provenance.software()
+    for address, theirs in sorted(client.run(provenance.software).items()):
+        provenance.check_same_software(f"the Dask worker {address}", theirs, mine)
+    return partial(_checked, fn, mine)
+
+
+def _checked(fn: Callable[[Any], T], expected: dict[str, str], item: Any) -> T:
+    """On a worker: `fn(item)`, once this worker's software is the driver's (`expected`)."""
+    import socket
+
+    provenance.check_same_software(f"the Dask worker on {socket.gethostname()}", provenance.software(), expected)
+    return fn(item)
 
 
 def load_cluster(params_path, *, workers: int | None = None, address: str | None = None) -> Cluster:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-# Fixtures of real tracking servers and trained candidates, for every folder that needs them (registry, the
-# container and the CI workflows): one definition, so a session trains the candidates once.
-pytest_plugins = ["tests.tracking"]
+# Fixtures of real tracking servers and trained candidates, and of the images and the stack, for every folder
+# that needs them (registry, the containers, scale-out and the CI workflows): one definition, so a session trains
+# the candidates and builds the images once.
+pytest_plugins = ["tests.tracking", "tests.containers"]
 
 REPO = Path(__file__).resolve().parents[1]
 REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO.parent / "shared" / "data" / "realsat"))

@@ -1,6 +1,8 @@
 """Docker for the tests that build and run the images (marker `container`) and the compose stack: the engine
-(`make tools` installs and starts it), the serving image built by the project's own script, containers that are
-always removed, and the address at which containers reach servers the tests start on this host."""
+(`make tools` installs and starts it), the serving and worker images built by the project's own script, the
+tracking stack brought up once per session by deploy/images/stack.sh, containers that are always removed, and
+the address at which containers reach servers the tests start on this host. A pytest plugin (tests/conftest.py):
+its fixtures serve every folder."""
 
 from __future__ import annotations
 
@@ -11,13 +13,17 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 SERVE_TEST_TAG = "hndsr-serve:test"
+WORKER_TEST_TAG = "hndsr-worker:test"
+STACK = REPO / "deploy" / "images" / "stack.sh"
 HOST_CA_CERTS = Path("/usr/local/share/ca-certificates")
 
 
@@ -56,6 +62,28 @@ def build_serve_image(tag: str = SERVE_TEST_TAG) -> dict:
     size = int(docker("image", "inspect", "--format", "{{.Size}}", tag).stdout)
     print(f"serving image {tag}: built in {seconds:.0f} s, {size / 1e6:.0f} MB")
     return {"tag": tag, "seconds": seconds, "bytes": size}
+
+
+def build_worker_image(serve: str, tag: str = WORKER_TEST_TAG) -> str:
+    """The scale-out image as `make worker-image` builds it, on the serving image `serve`."""
+    command = [str(REPO / "deploy" / "images" / "build.sh"), "--worker", "--serve", serve, "--tag", tag]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"{' '.join(command)}: {result.stderr[-4000:]}"
+    print(result.stderr.strip().splitlines()[-1])
+    return tag
+
+
+@pytest.fixture(scope="session")
+def serve_image() -> str:
+    """The serving image, built once per session (test_image.py, the stack, the worker image)."""
+    require_engine()
+    return build_serve_image()["tag"]
+
+
+@pytest.fixture(scope="session")
+def worker_image(serve_image) -> str:
+    """The scale-out image (deploy/images/worker.Dockerfile), built once per session on the serving image."""
+    return build_worker_image(serve_image)
 
 
 def bridge_gateway() -> str:
@@ -105,5 +133,78 @@ class Container:
         pytest.fail(f"container not healthy in {timeout} s ({self.inspect()['State'].get('Health')}): "
                     f"{self.logs()[-3000:]}")
 
+    def wait(self, timeout: float) -> int:
+        """The exit status, once the container's command ends (fails after `timeout` s with its logs)."""
+        try:
+            return int(docker("wait", self.name, timeout=timeout).stdout.strip())
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"container {self.name} still running after {timeout} s: {self.logs()[-3000:]}")
+
     def remove(self) -> None:
         docker("rm", "-f", "-v", self.name, check=False)
+
+
+class Stack:
+    """mlflow/docker-compose.yml with the local override, through deploy/images/stack.sh, under its own compose
+    project name and free published ports."""
+
+    def __init__(self, serve_image: str) -> None:
+        self.project = f"hndsr-test-{uuid.uuid4().hex[:8]}"
+        self.ports = {name: free_port() for name in ("MLFLOW_PORT", "SERVE_PORT", "MINIO_PORT",
+                                                     "MINIO_CONSOLE_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT")}
+        self.env = {**self.ports, "HNDSR_SERVE_IMAGE": serve_image}
+
+    def compose(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+               **{k: str(v) for k, v in self.env.items()}}
+        result = subprocess.run([str(STACK), "-p", self.project, "--profile", "monitoring", *args], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (f"stack.sh {' '.join(args)}: "
+                                            f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        return result
+
+    def url(self, port: str) -> str:
+        return f"http://127.0.0.1:{self.ports[port]}"
+
+    def network(self) -> str:
+        """The compose network of the stack: containers started on it reach `mlflow:5000`, `postgres:5432`."""
+        label = f"label=com.docker.compose.project={self.project}"
+        names = docker("network", "ls", "--filter", label, "--format", "{{.Name}}").stdout.split()
+        assert len(names) == 1, names
+        return names[0]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        label = f"label=com.docker.compose.project={self.project}"
+        return {kind: docker(*command, "--filter", label, "-q").stdout.split()
+                for kind, command in {"containers": ("ps", "-a"), "volumes": ("volume", "ls"),
+                                      "networks": ("network", "ls")}.items()}
+
+
+def wait_for(url: str, timeout: float, what: str, accept=lambda r: r.status_code == 200) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=5)
+            if accept(last):
+                return last
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(1)
+    pytest.fail(f"{what} not ready in {timeout} s: {last!r}")
+
+
+@pytest.fixture(scope="session")
+def stack(serve_image) -> Iterator[Stack]:
+    """The tracking stack up (PostgreSQL, the S3 store, the MLflow server), shared by the tests that need it;
+    taken down with its volumes at the end of the session, which must leave nothing behind."""
+    running = Stack(serve_image)
+    try:
+        running.compose("up", "-d", "postgres", "minio", "minio-init", "mlflow")
+        wait_for(f"{running.url('MLFLOW_PORT')}/health", 180, "the MLflow server")
+        yield running
+    finally:
+        print(running.compose("logs", "--tail", "30", check=False).stdout[-6000:])
+        running.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
+    assert running.leftovers() == {"containers": [], "volumes": [], "networks": []}

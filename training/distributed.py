@@ -8,6 +8,9 @@ params' `batch_size`, cut into equal shares), DDP averages the gradients, and ra
 Optuna, logs to MLflow and writes checkpoints, sending its pruning decision after every evaluation
 (`send_decision`). Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op for one process.
 
+Every rank's software (the project's code hash, Python, torch, numpy) must be rank 0's: `init` refuses a group
+where one differs, on every rank, with a message that names the rank and its host.
+
 Determinism on the CPU: for a fixed world size, a run repeats exactly (gloo sums the gradients in a fixed order).
 Different world sizes draw the same batches but sum gradients in another order, so they agree to rounding only.
 """
@@ -62,9 +65,28 @@ def init(cuda: bool) -> World:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    _same_software(size)
     _world = World(rank, size, local_rank)
     log.info("rank %d of %d (local rank %d, backend %s)", rank, size, local_rank, dist.get_backend())
     return _world
+
+
+def _same_software(size: int) -> None:
+    """Every rank, on whichever node: refuse (all ranks alike) a group whose ranks run other software than rank 0
+    (`hndsr.provenance.software`): another code or torch version would train something else than one process."""
+    import socket
+
+    from hndsr import provenance
+
+    everyone: list = [None] * size
+    dist.all_gather_object(everyone, (socket.gethostname(), provenance.software()))
+    first_host, first = everyone[0]
+    try:
+        for rank, (host, theirs) in enumerate(everyone[1:], start=1):
+            provenance.check_same_software(f"rank {rank} (on {host})", theirs, first, than=f"rank 0 (on {first_host})")
+    except provenance.SoftwareMismatch:
+        dist.destroy_process_group()
+        raise
 
 
 def finish() -> None:

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+from hndsr import provenance
 from hndsr.atomic import atomic_directory, atomic_write_bytes
 from hndsr.checkpoint import UPSTREAM, load_network, read_config, save_network, upstream_hashes, weights_hash
 from hndsr.checkpoint import check_upstream as check_lineage
@@ -115,7 +116,8 @@ def _coordinate(stage, common, params, extras, ctx, train, start) -> dict:
                          for name in UPSTREAM[stage]}
         sweep = start_sweep(stage, params, storage_url(common.study_storage), common.heartbeat_s,
                             {"parent_run": run_id, "sweep_hash": sweep_hash(common, params, extras),
-                             "dataset_hash": data_hash, "upstream": upstream_runs, "tags": tags})
+                             "dataset_hash": data_hash, "upstream": upstream_runs, "tags": tags,
+                             "software": provenance.software()})
         try:
             ran = work(stage, params, sweep, train, tags)
             best, best_trial, study = finish(stage, params, sweep)
@@ -198,6 +200,8 @@ def _work_on(sweep: Sweep, common: TrainCommon, params_path: str, device, amp: b
         raise TrainingError(f"this machine's params for {stage} differ from those of the sweep {sweep.name}: run the "
                             "worker from the same commit and params.yaml as the stage (train.scale_range, "
                             f"train.val_tiles and train_{stage} must match)")
+    if "software" in info:  # a worker with other code or packages would train other trials than the stage's
+        provenance.check_same_software(f"the stage that opened {sweep.name}", info["software"], than="this worker")
     local = dataset_hash(common.data_dir) if (Path(common.data_dir) / "manifest.json").is_file() else None
     if local != info["dataset_hash"]:
         raise TrainingError(f"{common.data_dir} here is {'missing' if local is None else 'different data'} "

@@ -90,16 +90,33 @@ def _lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         tracking.end_lost_run(run_id, f"worker {worker} stopped sending heartbeats (killed or cut off)")
 
 
-def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                                              heartbeat_stale_trial_callback=_lost)
-    except Exception as exc:  # bad URL, unreachable database, missing driver
-        raise TrainingError(f"cannot open the Optuna storage {redact(url)!r} ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); check train.study_storage or "
-                            f"{STORAGE_VARIABLE}") from None
+def open_storage(url: str, heartbeat_s: int, attempts: int = 6) -> optuna.storages.RDBStorage:
+    """The study storage at `url`. Machines that open a new database at the same moment (workers waiting for a
+    sweep, and its stage) race to create Optuna's schema: the losers' errors are retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.9
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                                                  heartbeat_stale_trial_callback=_lost)
+        except Exception as exc:  # bad URL, unreachable database, missing driver; or the schema race
+            if attempt < attempts and _schema_race(exc):
+                log.info("Optuna's tables in %s are being created by another machine; opening it again",
+                         redact(url))
+                time.sleep(0.5 * attempt)
+                continue
+            raise TrainingError(f"cannot open the Optuna storage {redact(url)!r} ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); check train.study_storage or "
+                                f"{STORAGE_VARIABLE}") from None
+    raise AssertionError("unreachable")
+
+
+def _schema_race(exc: Exception) -> bool:
+    """An error of creating a table, type or row that another connection created first."""
+    import sqlalchemy.exc
+
+    return isinstance(exc, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)) and any(
+        text in str(exc) for text in ("already exists", "duplicate key", "UNIQUE constraint failed"))
 
 
 @dataclass

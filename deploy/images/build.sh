@@ -2,7 +2,10 @@
 # Builds the serving image (serving/Dockerfile) on this machine: `make image` and the container tests call it.
 #   deploy/images/build.sh [--tag NAME] [--local-base] [--ca-certs DIR] [--cpu-torch | --torch-wheel FILE]
 #                          [-- DOCKER_BUILD_ARGS...]
-#   --tag NAME          the image's name (default hndsr-serve:latest)
+#   deploy/images/build.sh --worker [--serve IMAGE] [--tag NAME]
+#   --tag NAME          the image's name (default hndsr-serve:latest, with --worker hndsr-worker:latest)
+#   --worker            the scale-out image (deploy/images/worker.Dockerfile): the serving image IMAGE (--serve,
+#                       default hndsr-serve:latest, built first) plus the training stack; `make worker-image`
 #   --local-base        build on deploy/images/base.sh's image (Debian's packages; no container registry needed)
 #                       instead of python:3.11-slim-bookworm
 #   --ca-certs DIR      trust DIR/*.crt inside the build and the image (networks that intercept TLS)
@@ -14,7 +17,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-TAG=hndsr-serve:latest
+TAG=
+WORKER=
+SERVE=hndsr-serve:latest
 BASE=
 CERTS=
 WHEEL=
@@ -26,11 +31,27 @@ while [ $# -gt 0 ]; do
     --ca-certs) CERTS=$2; shift 2 ;;
     --torch-wheel) WHEEL=$2; shift 2 ;;
     --cpu-torch) CPU_TORCH=1; shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --worker) WORKER=1; shift ;;
+    --serve) SERVE=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+if [ -n "$WORKER" ]; then
+  TAG=${TAG:-hndsr-worker:latest}
+  docker image inspect "$SERVE" >/dev/null 2>&1 || {
+    echo "error: no image $SERVE to build the worker image on: build the serving image first (make image)" >&2
+    exit 2
+  }
+  echo "building $TAG from deploy/images/worker.Dockerfile on $SERVE" >&2
+  start=$(date +%s)
+  docker build -f deploy/images/worker.Dockerfile -t "$TAG" --build-arg "SERVE=$SERVE" "$@" . >&2
+  echo "built $TAG in $(( $(date +%s) - start )) s, $(( $(docker image inspect --format '{{.Size}}' "$TAG") / 1000000 )) MB" >&2
+  exit 0
+fi
+TAG=${TAG:-hndsr-serve:latest}
 
 if [ -n "$CPU_TORCH" ] && [ -z "$WHEEL" ]; then
   version=$(grep -o '"torch==[^"]*"' pyproject.toml | head -n1 | tr -d '"' | cut -d= -f3)

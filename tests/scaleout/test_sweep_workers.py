@@ -3,6 +3,7 @@ PostgreSQL at 127.0.0.1:5432, logging to a real `mlflow server` on PostgreSQL wi
 proxy (the workers hold no S3 credentials); one worker is SIGKILLed mid-trial."""
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.scaleout.conftest import BIN, env, hndsr, write_params
+from tests.scaleout.conftest import BIN, altered, env, hndsr, write_params
 
 pytestmark = pytest.mark.scaleout
 
@@ -124,8 +125,33 @@ def test_a_worker_with_other_params_or_data_is_refused(project, study_database, 
         refused = hndsr(other, "train", "--worker", **extra)
         assert refused.returncode == 1 and "data/processed here is missing" in refused.stderr
         assert "dvc pull data/processed" in refused.stderr
+        shutil.copytree(project / "data", other / "data")  # the same data, but other code (first on PYTHONPATH)
+        code = altered(project.parent / "code")
+        refused = hndsr(other, "train", "--worker", PYTHONPATH=str(code), **extra)
+        assert refused.returncode == 1
+        assert "the stage that opened autoencoder-" in refused.stderr
+        assert "runs other software than this worker (code " in refused.stderr
         nothing = hndsr(other, "train", "diffusion", "--worker", **extra)  # no diffusion sweep open: exits
         assert nothing.returncode == 0 and "no open sweep of diffusion" in nothing.stderr
     finally:
         stage.kill()
         stage.wait()
+
+
+def test_machines_opening_a_new_study_database_at_once_all_get_it(study_database):
+    """Workers that wait for a sweep and its stage open an empty database together: Optuna's schema is created by
+    one of them, the others' duplicate-creation errors are retried (seen with three containers on the stack)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from training.study import open_storage
+
+    together = Barrier(6)
+
+    def open_it(attempts: int):
+        together.wait()
+        return open_storage(study_database, heartbeat_s=2, attempts=attempts)
+
+    with ThreadPoolExecutor(6) as pool:
+        storages = list(pool.map(open_it, [6] * 6))
+    assert len({s.get_current_version() for s in storages}) == 1
