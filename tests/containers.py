@@ -14,6 +14,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -73,17 +74,70 @@ def build_worker_image(serve: str, tag: str = WORKER_TEST_TAG) -> str:
     return tag
 
 
+def build_stack_images(serve: str) -> None:
+    """The stack's local images (`deploy/images/stack.sh --images`), with `serve` as its serving image."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "HNDSR_SERVE_IMAGE": serve}
+    result = subprocess.run([str(STACK), "--images"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, f"stack.sh --images: {result.stderr[-4000:]}"
+
+
+class Prebuild:
+    """The images of the container tests, built in a background thread from the start of the session: the builds
+    wait mostly on the network and the disk, the tests before them on the CPU. The container tests run last
+    (`pytest_collection_modifyitems`), and their fixtures take the images from here, or build them themselves
+    when nothing was started here (no engine answered at the start: `require_engine` then says why)."""
+
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.futures: dict[str, Future] = {}
+
+    def start(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="image-builds")  # one after another, in this order
+        serve = self.pool.submit(lambda: build_serve_image()["tag"])
+        self.futures = {"serve": serve,
+                        "worker": self.pool.submit(lambda: build_worker_image(serve.result())),
+                        "stack": self.pool.submit(lambda: build_stack_images(serve.result()))}
+
+    def result(self, name: str, build):
+        future = self.futures.get(name)
+        return future.result() if future is not None else build()
+
+    def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+PREBUILD = Prebuild()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Container tests after all others, so that their images build while the others run."""
+    items[:] = ([item for item in items if not item.get_closest_marker("container")]
+                + [item for item in items if item.get_closest_marker("container")])
+
+
+def pytest_collection_finish(session) -> None:
+    wanted = any(item.get_closest_marker("container") for item in session.items)
+    if wanted and not session.config.option.collectonly and shutil.which("docker") and \
+            subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0:
+        PREBUILD.start()
+
+
+def pytest_sessionfinish(session) -> None:
+    PREBUILD.stop()
+
+
 @pytest.fixture(scope="session")
 def serve_image() -> str:
     """The serving image, built once per session (test_image.py, the stack, the worker image)."""
     require_engine()
-    return build_serve_image()["tag"]
+    return PREBUILD.result("serve", lambda: build_serve_image()["tag"])
 
 
 @pytest.fixture(scope="session")
 def worker_image(serve_image) -> str:
     """The scale-out image (deploy/images/worker.Dockerfile), built once per session on the serving image."""
-    return build_worker_image(serve_image)
+    return PREBUILD.result("worker", lambda: build_worker_image(serve_image))
 
 
 def bridge_gateway() -> str:
@@ -199,6 +253,7 @@ def wait_for(url: str, timeout: float, what: str, accept=lambda r: r.status_code
 def stack(serve_image) -> Iterator[Stack]:
     """The tracking stack up (PostgreSQL, the S3 store, the MLflow server), shared by the tests that need it;
     taken down with its volumes at the end of the session, which must leave nothing behind."""
+    PREBUILD.result("stack", lambda: None)  # else `up` builds them
     running = Stack(serve_image)
     try:
         running.compose("up", "-d", "postgres", "minio", "minio-init", "mlflow")
