@@ -114,6 +114,28 @@ def test_a_geotiff_answer_keeps_its_georeference(container, geotiff, tmp_path):
     check_georeferenced_output(source, tmp_path / "out.tif", 2.5)
 
 
+def test_serves_a_clones_own_mlflow_db_mounted_at_its_path(serve_image, candidates, realsat, tmp_path):
+    """README "The container": `docker run -v "$PWD:$PWD" -e MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db` in a
+    clone whose pipeline promoted into its own mlflow.db (artifacts at absolute paths in mlartifacts/)."""
+    clone = copy_candidate(candidates["good"], tmp_path / "clone", "hndsr")
+    promoted = run(["hndsr", "registry", "promote", "--params", "params.yaml"], clone, env={})
+    assert promoted.returncode == 0, promoted.stdout[-2000:] + promoted.stderr[-3000:]
+    for path in [clone, *clone.rglob("*")]:  # readable by the image's user (uid 10001), as the README says
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+    box = Container(serve_image, ports=(8000,), options=("-v", f"{clone}:{clone}"),
+                    env={"MLFLOW_TRACKING_URI": f"sqlite:///{clone / 'mlflow.db'}"})
+    try:
+        box.wait_healthy(timeout=240)
+        assert box.exec("id", "-u").strip() == "10001"
+        answer = super_resolve(box.url(8000), real_crop(realsat, 64), scale="4")
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-model-version"] == "1"
+        assert decode(answer).shape[:2] == (256, 256)
+    finally:
+        print(box.logs()[-3000:])
+        box.remove()
+
+
 def test_docker_stop_drains(container, realsat):
     """Last in the module: it stops the container. The request in flight completes, new ones get 503 with
     Retry-After, and the container exits well inside its stop timeout."""
