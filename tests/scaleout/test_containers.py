@@ -53,7 +53,9 @@ class Machines:
                    "-w", str(workdir or self.shared)]
         if code is not None:  # this machine's other code, ahead of the installed package
             options += ["-v", f"{code}:/other-code:ro", "-e", "PYTHONPATH=/other-code"]
-        machine = Container(self.image, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **variables},
+        # HOME: a uid the image does not know (a non-root user of this host) would have none it may write to
+        machine = Container(self.image, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp",
+                                             **variables},
                             options=tuple(options), args=command)
         self.started.append(machine)
         return machine
