@@ -98,16 +98,13 @@ def _on_dask(fn, items, cluster: Cluster, desc: str, names: list[str]):
         if cluster.scheduler:
             local = None
             client = Client(cluster.scheduler, timeout="30s")
-            try:
-                fn = _same_software_everywhere(client, fn)
-            except BaseException:
-                client.close()
-                raise
         else:
             local = LocalCluster(n_workers=cluster.workers, threads_per_worker=1, processes=True,
                                  dashboard_address=None, silence_logs=logging.WARNING)
             client = Client(local)
     try:
+        if local is None:  # machines of their own: each must run this machine's software
+            fn = _same_software_everywhere(client, fn)
         log.info("%s: %d tasks on %s (%d workers)", desc, len(items), cluster.describe(),
                  len(client.scheduler_info()["workers"]))
         run_id = uuid.uuid4().hex[:8]
