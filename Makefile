@@ -19,13 +19,16 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test tools image worker-image lint status ui clean help lock lock-check
+.PHONY: setup repro test tools image worker-image lint status ui clean help lock lock-check gpu-check gpu-kit
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
 	@echo "make test    set up .venv and run the tests"
 	@echo "make image   build the serving image hndsr-serve:latest on this machine (README: The container)"
 	@echo "make worker-image   the scale-out image hndsr-worker:latest: sweep, Dask and torchrun nodes in containers"
+	@echo "make gpu-check  the GPU path measured on this machine's GPU: CUDA tests, training, latency, agreement,"
+	@echo "             HTTP (benchmarks/gpu_check.py; GPU_CHECK_ARGS=--dry-run runs it on the CPU at toy sizes)"
+	@echo "make gpu-kit    pack wheels, data and models for a GPU machine without the project's stack (.gpu/)"
 	@echo "make lint    ruff over the code"
 	@echo "make lock    re-resolve the lock files (requirements/*.txt) after changing pyproject.toml"
 	@echo "             (make lock LOCK_ARGS=--upgrade moves every package to its newest allowed version)"
@@ -113,6 +116,15 @@ worker-image: image
 
 test: $(STAMP) tools
 	$(RUN) pytest
+
+# The GPU check (README: GPU): one run, one JSON report under reports/gpu/. Needs `make repro`'s models/ and
+# data/processed/ (or GPU_CHECK_ARGS="--models DIR --data DIR").
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(RUN) python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-kit: $(STAMP)
+	$(RUN) python benchmarks/gpu_kit.py
 
 lint: $(STAMP)
 	$(RUN) ruff check .

@@ -29,9 +29,14 @@ MAX_INPUT_PIXELS = 4_000_000  # per input image; larger inputs belong to the til
 
 class HNDSRPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        import torch
+
         from hndsr.checkpoint import load_model
 
-        self.model = load_model(context.artifacts["checkpoints"])
+        # On the GPU where there is one (float32, whole image: the model as trained); the noise is drawn on the
+        # CPU either way, so the seed gives the same image on both up to float rounding.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(context.artifacts["checkpoints"]).to(self.device)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -43,13 +48,13 @@ class HNDSRPyfunc(mlflow.pyfunc.PythonModel):
         rows = []
         for row in model_input.to_dict(orient="records"):
             decoded = imagefile.decode(base64.b64decode(row["image"]), spec, None, MAX_INPUT_PIXELS)
-            lr = torch.from_numpy(decoded.lr).permute(2, 0, 1)[None]
+            lr = torch.from_numpy(decoded.lr).permute(2, 0, 1)[None].to(self.device)
             scale = float(row["scale"])
             steps = _optional_int(row.get("steps"))
             with torch.inference_mode():
                 output = self.model.super_resolve(lr, scale, steps=None if steps is None or steps < 0 else steps,
                                                   seed=_optional_int(row.get("seed")) or 0)
-            pixels = output[0].permute(1, 2, 0).float().numpy()
+            pixels = output[0].permute(1, 2, 0).float().cpu().numpy()
             fmt = "png" if decoded.is_png_compatible else "tiff"
             data = imagefile.encode(pixels, decoded, spec, scale, fmt, png_compress_level=6, tags={})
             rows.append({"image": base64.b64encode(data).decode("ascii"),

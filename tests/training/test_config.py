@@ -52,3 +52,23 @@ def test_bad_training_params_name_the_key(tmp_path, section, values, message):
         load_common(path)
         for stage in STAGE_NAMES:
             load_stage(path, stage)
+
+
+def _keys(document: dict, prefix: str = "") -> set[str]:
+    """Every key path of a params document (a stage's `model` and `search` hold free-form choices)."""
+    keys = set()
+    for key, value in document.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict) and key not in ("model", "search"):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("path", ["profiles/gpu.yaml", "profiles/aerial.yaml"])
+def test_a_profile_has_every_key_of_params_yaml_so_make_repro_runs_every_stage(path):
+    from registry.config import load_promote
+
+    default = yaml.safe_load(Path("params.yaml").read_text())
+    profile = yaml.safe_load(Path(path).read_text())
+    assert _keys(default) - _keys(profile) == set(), f"cp {path} params.yaml would leave these out"
+    load_promote(path)
