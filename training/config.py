@@ -77,6 +77,7 @@ class DiffusionExtras:
     eta: float = 0.0
     max_psnr_cost: float = 0.4  # dB below steps = 0 allowed at any validation scale
     min_gain_over_bicubic: float = 0.1  # dB above bicubic required at every validation scale
+    min_gmsd_gain: float = 0.02  # relative GMSD reduction against steps = 0 for steps to be the default
     num_train_timesteps: int = 1000
     prediction_type: str = "sample"
 

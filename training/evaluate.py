@@ -3,16 +3,20 @@ alone (steps = 0) and bicubic upsampling.
 
 Writes `metrics/eval.json`:
 
-    {"scales": {"4": {"psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "prior_ssim",
-                      "detail_ratio", "prior_detail_ratio", "bicubic_detail_ratio",
-                      "consistency_nrmse", "spectral_angle_deg", "shift_px", "tiles"}, ...},
+    {"scales": {"4": {"psnr", "ssim", "ms_ssim", "gmsd", "detail_ratio", "hf_share", each also as prior_* and
+                      bicubic_*, "hr_hf_share", "consistency_nrmse", "spectral_angle_deg", "shift_px", "tiles"},
+                ...},
      "steps", "temperature", "seed", "dataset_hash", "models": {stage: weights sha256}}
 
 With `evaluate.self_ensemble` every scale also has ensemble_psnr, ensemble_ssim and ensemble_detail_ratio (the
 8-transform geometric self-ensemble), and the command prints its gain and its cost per tile.
 
 `detail_ratio` is the output's high-frequency energy over the HR's (hndsr.metrics): 1 is the HR's texture,
-below 1 smoother. `consistency_nrmse`, `spectral_angle_deg` and `shift_px` compare HNDSR's output, shrunk back
+below 1 smoother. `ms_ssim` (structure across 4 scales, higher is better) and `gmsd` (gradient similarity
+deviation, lower is better) are the full-reference perceptual figures, `hf_share` the no-reference one (share of
+spectral power above half Nyquist; the HR's own is `hr_hf_share`): hndsr.metrics says why each suits aerial
+imagery. The command prints what the diffusion steps buy against steps = 0 (the prior) in each; where the
+default is steps = 0, it also scores the validated setting with steps as `diffusion_*` for that comparison. `consistency_nrmse`, `spectral_angle_deg` and `shift_px` compare HNDSR's output, shrunk back
 by the degradation function, with its own LR (hndsr.consistency; the gate bounds them). The same figures go to an MLflow run (`test_psnr_x4`, ...) with a sample grid image
 (LR | bicubic | prior | HNDSR | HR) for the test tiles with the most detail, also written to
 `reports/eval_grid.png`.
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from hndsr.atomic import atomic_write_bytes
-from hndsr.checkpoint import STAGES, load_model, weights_hash
+from hndsr.checkpoint import STAGES, load_model, read_config, weights_hash
 from hndsr.evaluation import score
 from hndsr.images import encode_png, to_uint8
 from hndsr.metrics import high_frequency_energy
@@ -48,10 +52,13 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
     device, _ = setup_runtime(common)
     model = load_model(common.models_dir).to(device)
     steps = model.defaults.steps if eparams.steps is None else eparams.steps
+    # With steps = 0 (the diffusion stage found that steps buy nothing measurable on validation), the test split
+    # still shows what they would buy: the validated setting with steps, scored as diffusion_*.
+    diffusion_steps = None if steps else _validated_steps(Path(common.models_dir))
     test = load_pairs(common.data_dir, "test")
     timings: dict[str, float] = {}
     results = score(model, test, steps=steps, seed=eparams.seed, batch_size=eparams.batch_size, device=device,
-                    ensemble=eparams.self_ensemble, timings=timings)
+                    ensemble=eparams.self_ensemble, timings=timings, diffusion_steps=diffusion_steps)
     grid_rows = [_grid_rows(model, pairs, scale, steps, eparams, device) for scale, pairs in test.items()]
     report = {
         "scales": results,
@@ -75,6 +82,15 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
     gains = ", ".join(f"x{s} {v['psnr'] - v['bicubic_psnr']:+.2f} dB" for s, v in results.items())
     print(f"evaluate: HNDSR vs bicubic PSNR on test: {gains} (steps {steps}); "
           f"{time.perf_counter() - start:.0f} s", flush=True)
+    with_steps = "" if steps else "diffusion_"
+    if steps or diffusion_steps:
+        print(f"evaluate: what {steps or diffusion_steps} DDIM steps{'' if steps else ' (not the default)'} buy "
+              "against steps = 0 (the prior) on test: " + "; ".join(
+                  f"x{s} PSNR {v[with_steps + 'psnr'] - v['prior_psnr']:+.3f} dB, MS-SSIM "
+                  f"{v[with_steps + 'ms_ssim'] - v['prior_ms_ssim']:+.4f}, GMSD "
+                  f"{v[with_steps + 'gmsd'] - v['prior_gmsd']:+.4f}, HF share {v['prior_hf_share']:.3f} -> "
+                  f"{v[with_steps + 'hf_share']:.3f} (HR {v['hr_hf_share']:.3f})" for s, v in results.items()),
+              flush=True)
     if eparams.self_ensemble:
         tiles = sum(len(p.tile_ids) for p in test.values())
         ensemble = ", ".join(f"x{s} {v['ensemble_psnr'] - v['bicubic_psnr']:+.2f} dB" for s, v in results.items())
@@ -82,6 +98,13 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
               f"{timings['ensemble'] / tiles:.3f} s per tile against {timings['plain'] / tiles:.3f} s "
               f"(x{timings['ensemble'] / timings['plain']:.1f})", flush=True)
     return report
+
+
+def _validated_steps(models_dir: Path) -> int | None:
+    """The steps of the best setting with steps in the diffusion stage's validation table (lowest GMSD), if any."""
+    table = read_config(models_dir / "diffusion", "diffusion").get("sampling_table") or []
+    rows = [r for r in table if r.get("steps") and r.get("gmsd") is not None]
+    return min(rows, key=lambda r: r["gmsd"])["steps"] if rows else None
 
 
 def _grid_rows(model, pairs, scale, steps, eparams, device) -> np.ndarray:

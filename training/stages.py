@@ -145,9 +145,10 @@ def _coordinate(stage, common, params, extras, ctx, train, start) -> dict:
             extra.update(sampling=asdict(sampling), scheduler=asdict(model.scheduler.config), sampling_table=table)
             metrics.update(default_steps=sampling.steps, default_temperature=sampling.temperature,
                            default_strength=sampling.strength)
-            chosen = next(r for r in table if (r["steps"], r["temperature"], r["strength"])
-                          == (sampling.steps, sampling.temperature, sampling.strength))
-            metrics.update(val_psnr_cost=chosen["max_psnr_cost"], val_detail_ratio=chosen["detail_ratio"])
+            chosen = next(r for r in table if r.get("chosen"))
+            prior = next(r for r in table if r["steps"] == 0)
+            metrics.update(val_psnr_cost=chosen["max_psnr_cost"], val_detail_ratio=chosen["detail_ratio"],
+                           val_gmsd=chosen["gmsd"], val_gmsd_steps0=prior["gmsd"], val_ms_ssim=chosen["ms_ssim"])
         tracking.log_metrics({f"best_{k}": v for k, v in metrics.items()})
         tracking.log_params({f"best.{k}": v for k, v in best_trial.params.items()})
         log_study_plots(study)
