@@ -50,6 +50,10 @@ MISSING = (
     "pydantic", "pydantic-core", "pydantic-settings", "python-dotenv", "python-multipart", "rasterio", "smmap",
     "sqlalchemy", "sqlparse", "starlette", "typing-inspection", "uvicorn", "cachetools", "databricks-sdk",
     "google-auth", "pyasn1", "pyasn1-modules", "deprecated", "cryptography", "cffi", "pycparser",
+    # The image has these, in versions nobody here has read: carried at the lock's, which the packages above were
+    # resolved with (pydantic needs a recent typing-extensions, opentelemetry-proto's generated code a protobuf
+    # runtime at least as new). They shadow the image's for this check only (/tmp/site first on the path).
+    "typing-extensions", "protobuf",
 )
 # The image's packages this project's code can import (the subset of KINDS.md's list that the lock also pins).
 IMAGE = (
