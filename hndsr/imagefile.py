@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import io
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import rasterio
 from PIL import Image
-from rasterio.errors import NotGeoreferencedWarning
 
 from hndsr import raster
 from hndsr.images import ImageTooLarge, decode_rgb, encode_png
 from hndsr.raster import DataSpec
 
-# A TIFF without georeference is a normal input here (it gets a TIFF without one back).
-warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+# A TIFF without georeference is a normal input here (it gets a TIFF without one back): hndsr.raster silences
+# rasterio's warning for it whenever it uses rasterio (PNG and JPEG never import it).
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
 
@@ -126,7 +123,7 @@ def decode(data: bytes, spec: DataSpec, bands: list[int] | None, max_pixels: int
         _check_raster(dataset, max_pixels, max_bands, max_bytes_per_pixel)
         try:
             crs = dataset.crs
-        except rasterio.errors.CRSError as exc:
+        except raster.crs_error() as exc:
             raise raster.BadGeoreference(f"unreadable coordinate reference system ({exc}); fix or remove it") \
                 from None
         indexes = raster.data_bands(dataset, bands, spec)

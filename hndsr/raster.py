@@ -30,19 +30,38 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import rasterio
-import rasterio.fill
-import rasterio.shutil
 from affine import Affine
-from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.io import MemoryFile
-from rasterio.windows import Window
 
 from hndsr.errors import UserError
 from hndsr.images import ImageDecodeError
+
+if TYPE_CHECKING:
+    import rasterio
+    from rasterio.windows import Window
+
+
+def _rasterio() -> ModuleType:
+    """rasterio (and GDAL), imported at the first raster read or write, not with this module: the model, the engine
+    and the PNG paths never need it (a GPU machine given only what they import can run them). Every process that
+    reads rasters here treats a raster without georeference as normal (stored tiles, plain TIFF uploads): the
+    warning rasterio gives for it is silenced process-wide, as the ETL's encoding threads need (catch_warnings() is
+    not thread-safe)."""
+    import rasterio
+    import rasterio.enums
+    import rasterio.errors
+    import rasterio.fill
+    import rasterio.io
+    import rasterio.shutil
+    import rasterio.windows
+
+    # At every call, not once: a caller's catch_warnings() (pytest's, per test) may have dropped it since. The
+    # filter list keeps one copy (filterwarnings replaces an equal entry).
+    warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+    return rasterio
 
 KINDS = {"uint8": "8bit", "uint16": "16bit", "int16": "16bit", "float32": "float", "float64": "float"}
 DEFAULT_SCALES = {"8bit": 255.0, "16bit": 65535.0, "float": 1.0}
@@ -191,13 +210,19 @@ def _column(values: tuple[float, ...], dtype=np.float32) -> np.ndarray:
     return np.asarray(values, dtype=dtype)[:, None, None]
 
 
+def crs_error() -> type[Exception]:
+    """rasterio's error for an unreadable coordinate reference system."""
+    return _rasterio().errors.CRSError
+
+
 # ------------------------------------------------------------------------------------------------------ reading
 @contextlib.contextmanager
 def open_raster(source: str | Path | bytes) -> Iterator[rasterio.DatasetReader]:
     """Open a path or in-memory bytes with rasterio; RasterError with GDAL's reason when it cannot."""
+    rasterio = _rasterio()
     try:
         if isinstance(source, bytes):
-            with MemoryFile(source) as memory, memory.open() as dataset:
+            with rasterio.io.MemoryFile(source) as memory, memory.open() as dataset:
                 yield dataset
         else:
             with rasterio.open(source) as dataset:
@@ -225,11 +250,13 @@ def data_bands(dataset: rasterio.DatasetReader, bands: list[int] | None, spec: D
     """The 1-based band indexes to feed the model: `bands` if given, else every band that is not alpha; checked
     against the model's band count and data type (RasterError saying what the model expects; `option`: how the
     caller's user chooses bands, the form field or `--bands`)."""
+    rasterio = _rasterio()
     if dataset.dtypes[0] not in KINDS or len(set(dataset.dtypes)) > 1:
         raise UnsupportedDtype(f"unsupported data type {'/'.join(sorted(set(dataset.dtypes)))}; supported: "
                           f"{', '.join(KINDS)} (one type for every band)")
     if bands is None:
-        indexes = [i for i, c in zip(dataset.indexes, dataset.colorinterp, strict=True) if c != ColorInterp.alpha]
+        alpha = rasterio.enums.ColorInterp.alpha
+        indexes = [i for i, c in zip(dataset.indexes, dataset.colorinterp, strict=True) if c != alpha]
     else:
         bad = [b for b in bands if not 1 <= b <= dataset.count]
         if bad:
@@ -246,6 +273,7 @@ def read_window(dataset: rasterio.DatasetReader, indexes: list[int],
                 window: Window | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(C, h, w) stored values and the (h, w) bool valid mask of `window`: GDAL's dataset mask, and for floats
     also finite in every band (NaN is a common undeclared nodata in float rasters)."""
+    rasterio = _rasterio()
     try:
         values = dataset.read(indexes, window=window)
         # Validity from the chosen bands' masks only (a per-dataset mask or alpha is every band's mask; with nodata
@@ -264,6 +292,7 @@ def read_rows(dataset: rasterio.DatasetReader, indexes: list[int], *, rows: int 
               check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """read_window of the whole raster, `rows` rows at a time, calling `check` before each (it raises to stop: a
     deadline); memory is the chosen bands' pixels, and GDAL's block cache is bounded (GDAL_CACHE_MB)."""
+    rasterio = _rasterio()
     values = np.empty((len(indexes), dataset.height, dataset.width), dtype=dataset.dtypes[0])
     valid = np.empty((dataset.height, dataset.width), dtype=bool)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
@@ -271,8 +300,8 @@ def read_rows(dataset: rasterio.DatasetReader, indexes: list[int], *, rows: int 
             if check is not None:
                 check()
             stop = min(start + rows, dataset.height)
-            values[:, start:stop], valid[start:stop] = read_window(dataset, indexes,
-                                                                  Window(0, start, dataset.width, stop - start))
+            window = rasterio.windows.Window(0, start, dataset.width, stop - start)
+            values[:, start:stop], valid[start:stop] = read_window(dataset, indexes, window)
     return values, valid
 
 
@@ -323,6 +352,7 @@ def model_input(values: np.ndarray, valid: np.ndarray, spec: DataSpec) -> np.nda
 def fill_invalid(x: np.ndarray, valid: np.ndarray) -> None:
     """Fill the invalid pixels of float32 (C, h, w) `x` in place from their valid neighbours (GDAL's fillnodata,
     inverse-distance), and with the band's valid mean where nothing valid is within FILL_DISTANCE."""
+    rasterio = _rasterio()
     mask = valid.astype(np.uint8)
     # Which nodata pixels have a valid pixel within FILL_DISTANCE: fill the mask itself the same way.
     reached = rasterio.fill.fillnodata(mask.astype(np.float32), mask=mask, max_search_distance=FILL_DISTANCE,
@@ -376,7 +406,9 @@ def refined_transform(transform: Affine, scale: float) -> Affine:
 
 def has_mask(dataset: rasterio.DatasetReader) -> bool:
     """True when validity comes from a mask or alpha band (not from a nodata value, and not all valid)."""
-    return any(MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags
+    rasterio = _rasterio()
+    flags_ = rasterio.enums.MaskFlags
+    return any(flags_.all_valid not in flags and flags_.nodata not in flags
                for flags in dataset.mask_flag_enums)
 
 
@@ -422,6 +454,7 @@ def write_cog(source: str | Path, target: str | Path) -> None:
     tiles, each block written once. A viewer (QGIS) or a reader over HTTP range requests fetches only the tiles
     and the overview level it shows. The overviews are a third of the pixels (1/4 + 1/16 + ...) and more of the
     bytes (69 % of the full resolution's on a x2 uint16 scene: the first level holds about the input's detail)."""
+    rasterio = _rasterio()
     # Blocks compressed on this process's share of the cores (the same bytes as one thread; measured on a 16 MP
     # uint16 scene, 2 cores: 2.1 s less than one thread, the COG costing 1.4 s more than the plain GeoTIFF did).
     threads = os.environ.get("OMP_NUM_THREADS") or "ALL_CPUS"
@@ -436,7 +469,8 @@ def copy_band_metadata(source: rasterio.DatasetReader, indexes: list[int], targe
 
 
 def set_band_metadata(target, interps: list | None, descriptions: list | None) -> None:
-    if interps and ColorInterp.alpha not in interps:
+    rasterio = _rasterio()
+    if interps and rasterio.enums.ColorInterp.alpha not in interps:
         with contextlib.suppress(Exception):  # some combinations GDAL refuses for a band count; not essential
             target.colorinterp = interps
     for position, description in enumerate(descriptions or [], start=1):
@@ -448,9 +482,10 @@ def encode_geotiff(stored: np.ndarray, profile: dict, *, mask: np.ndarray | None
                    interps: list | None = None, descriptions: list | None = None,
                    tags: dict[str, str] | None = None) -> bytes:
     """GeoTIFF bytes of (C, H, W) `stored` with `profile`; `mask` (H, W bool) written as its internal mask."""
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as memory:
+    rasterio = _rasterio()
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.io.MemoryFile() as memory:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             with memory.open(**profile) as target:
                 target.write(stored)
                 if mask is not None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from rasterio.errors import NotGeoreferencedWarning
 
 from hndsr import raster
 from hndsr.errors import UserError
@@ -25,9 +23,9 @@ from hndsr.images import encode_png
 from hndsr.raster import DataSpec
 
 PNG_MAGIC = b"\x89PNG"
-# Stored tiles are not georeferenced on purpose (the manifest records each source's CRS and pixel size); the
-# filter is process-wide because the ETL encodes on a thread pool, where catch_warnings() is not safe.
-warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+# Stored tiles are not georeferenced on purpose (the manifest records each source's CRS and pixel size):
+# hndsr.raster silences rasterio's warning for it process-wide whenever it uses rasterio (the ETL encodes on a
+# thread pool, where catch_warnings() is not safe); 8-bit RGB tiles (PNG) never import it.
 
 
 class DataError(UserError, RuntimeError):

@@ -68,7 +68,7 @@ class Candidate:
     evaluation: dict  # all of eval.json
     weights: dict[str, str]  # stage -> sha256 of model.safetensors
     run_ids: dict[str, str]  # stage -> MLflow run id of its training
-    id: str  # sha256 over the three weight hashes: the same weights are the same candidate
+    id: str  # candidate_id(): the same weights with the same behaviour (sampling defaults, ...) are one candidate
 
     @property
     def dataset_hash(self) -> str:
@@ -89,10 +89,25 @@ def load_candidate(models_dir: str | Path, metrics_dir: str | Path) -> Candidate
     if evaluation.get("models") != weights:
         raise RegistryError(f"{eval_path} scored other weights than {models_dir}/ holds; re-run `dvc repro` "
                             "(stage evaluate) so the metrics belong to this model")
-    run_ids = {stage: json.loads((models_dir / stage / "config.json").read_text()).get("run_id", "")
-               for stage in STAGES}
-    digest = hashlib.sha256("".join(weights[s] for s in sorted(weights)).encode()).hexdigest()
-    return Candidate(models_dir, evaluation["scales"], evaluation, weights, run_ids, digest)
+    configs = {stage: json.loads((models_dir / stage / "config.json").read_text()) for stage in STAGES}
+    run_ids = {stage: config.get("run_id", "") for stage, config in configs.items()}
+    return Candidate(models_dir, evaluation["scales"], evaluation, weights, run_ids, candidate_id(weights, configs))
+
+
+# What a checkpoint's config.json says about how the model behaves (beside its weights): the networks' arguments,
+# the pixel interface, the scale range, and the diffusion stage's sampling defaults and scheduler. Not its
+# provenance (run id, study, dataset hash, upstream hashes: implied by the weights) nor the validation table.
+BEHAVIOUR_KEYS = ("config", "data", "scale_range", "sampling", "scheduler")
+
+
+def candidate_id(weights: dict[str, str], configs: dict[str, dict]) -> str:
+    """SHA-256 over each stage's weight hash and behaviour (BEHAVIOUR_KEYS of its config.json). The same weights
+    with other sampling defaults answer differently, so they are another candidate (another version)."""
+    parts = []
+    for stage in sorted(weights):
+        behaviour = {key: configs[stage][key] for key in BEHAVIOUR_KEYS if key in configs[stage]}
+        parts.append(f"{stage}:{weights[stage]}:{json.dumps(behaviour, sort_keys=True)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def registered_candidate(version: Version, checkpoints: Path) -> Candidate:

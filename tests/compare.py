@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 
 
 def digest(path: Path) -> str:
@@ -58,6 +57,8 @@ def assert_close_rasters(a: Path, b: Path, *, max_levels: float = 0.0, max_share
     """Two rasters or images (anything GDAL reads) with the same grid, georeference, type, nodata and mask whose
     values differ by at most `max_levels` (stored units) in at most `max_share` of the values. Returns (differing
     values, largest difference); fails with one line that gives both."""
+    import rasterio  # here: the tests/cuda run on a GPU machine may have no rasterio (benchmarks/gpu_kit.py)
+
     with rasterio.open(a) as x, rasterio.open(b) as y:
         for what in ("width", "height", "count", "dtypes", "crs", "transform", "nodata"):
             if getattr(x, what) != getattr(y, what):

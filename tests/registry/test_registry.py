@@ -576,3 +576,27 @@ def test_rollout_through_a_candidate_alias_then_abort_or_finish(make_project, ml
     itself = registry_cli(good2, uri, "promote", "--to", "candidate", "--version", "2")
     assert itself.returncode == 3 and "already holds production: nothing to roll out" in itself.stdout
     assert "candidate not moved; production stays on v2" in itself.stdout
+
+
+def test_the_same_weights_with_other_sampling_defaults_are_another_version(make_project, mlflow_server):
+    """A candidate is its weights and its behaviour: new sampling defaults (the diffusion stage chose others) on the
+    same weights register a new version, which reproduces its own checkpoints; the old version is not re-gated
+    against checkpoints that now answer differently."""
+    uri, name = mlflow_server.uri, f"hndsr-{uuid.uuid4().hex[:8]}"
+    project = make_project("good", model_name=name)
+    first = registry_cli(project, uri, "promote")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = report(project)["candidate"]
+    config_path = project / "models" / "diffusion" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sampling"]["steps"] = 0 if config["sampling"]["steps"] else 2
+    config_path.write_text(json.dumps(config, indent=2))
+    evaluated = run(["hndsr", "evaluate", "--params", "params.yaml"], project, env={"MLFLOW_TRACKING_URI": uri})
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    again = registry_cli(project, uri, "promote", "--allow-reject")
+    assert again.returncode == 0, again.stdout + again.stderr
+    decision = report(project)
+    assert decision["version"] == "2", decision["version"]
+    assert decision["candidate"]["weights"] == before["weights"] and decision["candidate"]["id"] != before["id"]
+    copy = next(c for c in decision["checks"] if c["name"] == "registered_copy")
+    assert copy["passed"], copy
