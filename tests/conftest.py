@@ -1,4 +1,4 @@
-"""Shared fixtures: the real images in ../shared/data/realsat, and local S3 server processes."""
+"""Shared fixtures: the real images in imagery/ (realsat, geotiff), and local S3 server processes."""
 
 from __future__ import annotations
 
@@ -21,32 +21,27 @@ import pytest
 pytest_plugins = ["tests.tracking", "tests.containers"]
 
 REPO = Path(__file__).resolve().parents[1]
-REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO.parent / "shared" / "data" / "realsat"))
-
-
-GEOTIFF = Path(os.environ.get("HNDSR_GEOTIFF", REPO.parent / "shared" / "data" / "geotiff"))
+REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO / "imagery" / "realsat"))
+GEOTIFF = Path(os.environ.get("HNDSR_GEOTIFF", REPO / "imagery" / "geotiff"))
 
 
 def _shared_folder(folder: Path, what: str, variable: str) -> Path:
-    """A folder of real data beside the repository. Missing, it fails the tests, except where
-    HNDSR_REALSAT_OPTIONAL=1 says this host cannot have it (GitHub's runners): there they are skipped, visibly."""
+    """A folder of real data: in the repository (imagery/), or where the variable points."""
     if not folder.is_dir():
-        message = f"{folder} is missing: the tests need the {what} folder (set {variable})"
-        if os.environ.get("HNDSR_REALSAT_OPTIONAL") == "1":
-            pytest.skip(message)
-        pytest.fail(message)
+        pytest.fail(f"{folder} is missing: the tests need the {what} folder (imagery/ in the repository; or set "
+                    f"{variable})")
     return folder
 
 
 @pytest.fixture(scope="session")
 def realsat() -> Path:
-    """The ten real satellite/aerial images beside the repository (or at $HNDSR_REALSAT)."""
+    """The ten real satellite/aerial images of imagery/realsat (or at $HNDSR_REALSAT)."""
     return _shared_folder(REALSAT, "real-image", "HNDSR_REALSAT")
 
 
 @pytest.fixture(scope="session")
 def geotiff() -> Path:
-    """The five real georeferenced rasters beside the repository (or at $HNDSR_GEOTIFF)."""
+    """The five real georeferenced rasters of imagery/geotiff (or at $HNDSR_GEOTIFF)."""
     return _shared_folder(GEOTIFF, "real GeoTIFF", "HNDSR_GEOTIFF")
 
 

@@ -7,6 +7,7 @@ from hndsr.checkpoint import CheckpointError, load_model, load_network, save_net
 from hndsr.degradation import hr_size
 from hndsr.model import HNDSR, SamplingDefaults
 from hndsr.networks import (
+    AttentionBlock,
     Autoencoder,
     AutoencoderConfig,
     DiffusionUNet,
@@ -81,6 +82,62 @@ def test_spectral_conv_works_on_any_grid_and_keeps_only_low_modes(modes, height,
             assert layer(nyquist).abs().max() < 1e-4
 
 
+def _spectral_reference(layer: SpectralConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The Fourier layer as written in the FNO paper: a complex einsum per kept mode, positive and negative rows."""
+    batch, _, height, width = x.shape
+    x_ft = torch.fft.rfft2(x, norm="ortho")
+    m1, m2 = min(layer.modes, height // 2), min(layer.modes, width // 2 + 1)
+    out = torch.zeros(batch, layer.weight_pos.shape[1], height, width // 2 + 1, dtype=x_ft.dtype)
+    w_pos = torch.view_as_complex(layer.weight_pos[:, :, :m1, :m2].contiguous())
+    w_neg = torch.view_as_complex(layer.weight_neg[:, :, :m1, :m2].contiguous())
+    out[:, :, :m1, :m2] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, :m1, :m2], w_pos)
+    out[:, :, height - m1 :, :m2] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, height - m1 :, :m2], w_neg)
+    return torch.fft.irfft2(out, s=(height, width), norm="ortho")
+
+
+@pytest.mark.parametrize("modes", [1, 3, 12])
+@pytest.mark.parametrize(("height", "width"), [(4, 4), (9, 14), (48, 48), (31, 20)])
+def test_spectral_conv_real_matmul_is_the_complex_product_per_mode(modes, height, width):
+    torch.manual_seed(modes)
+    layer = SpectralConv2d(5, 3, modes)
+    x = torch.randn(2, 5, height, width, requires_grad=True)
+    ours, reference = layer(x), _spectral_reference(layer, x)
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(ours.square().sum(), [x, layer.weight_pos, layer.weight_neg])
+    expected = torch.autograd.grad(reference.square().sum(), [x, layer.weight_pos, layer.weight_neg])
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_block_is_spans_parameter_free_attention():
+    torch.manual_seed(0)
+    block = AttentionBlock(4)
+    x = torch.randn(2, 4, 9, 7)
+    c1, c2, c3 = block.convs
+    out = c3(torch.nn.functional.silu(c2(torch.nn.functional.silu(c1(x)))))
+    assert torch.allclose(block(x), (out + x) * (torch.sigmoid(out) - 0.5))
+    for conv in block.convs:  # convolutions answering nothing: the attention is zero everywhere, so is the block
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+    assert torch.equal(block(x), torch.zeros_like(x))
+
+
+def test_operator_with_attention_blocks_runs_on_any_grid_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    op = NeuralOperator(OperatorConfig(latent_channels=4, width=8, modes=4, layers=2, block="attention"))
+    torch.nn.init.normal_(op.project[-1].weight, std=0.01)
+    assert all(isinstance(local, AttentionBlock) for local in op.local)
+    for height, width in [(16, 16), (26, 42)]:
+        assert op(torch.rand(1, 3, height, width), torch.tensor([2.5])).shape == (1, 4, height // 2, width // 2)
+    save_network(tmp_path / "operator", "operator", op)
+    loaded, meta = load_network(tmp_path / "operator", "operator")
+    assert meta["config"]["block"] == "attention"
+    x = torch.rand(2, 3, 20, 24)
+    assert torch.equal(loaded(x, torch.tensor([2.0, 4.0])), op(x, torch.tensor([2.0, 4.0])))
+    with pytest.raises(ValueError, match="operator block 'spam': choose one of conv, attention"):
+        OperatorConfig(block="spam")
+
+
 def test_checkpoint_round_trip_rebuilds_from_config(tmp_path):
     model = _model()
     models = tmp_path / "models"
@@ -97,8 +154,16 @@ def test_checkpoint_round_trip_rebuilds_from_config(tmp_path):
     assert torch.equal(loaded.super_resolve(lr, 3.0, seed=3), model.super_resolve(lr, 3.0, seed=3))
     assert loaded.defaults == model.defaults
     config = json.loads((models / "operator" / "config.json").read_text())
-    assert config["config"] == {"channels": 3, "latent_channels": 4, "width": 8, "modes": 4, "layers": 2}
+    assert config["config"] == {"channels": 3, "latent_channels": 4, "width": 8, "modes": 4, "layers": 2,
+                                "block": "conv"}
     assert config["code_version"]
+    # A checkpoint written before `block` existed loads as what it was: one 3x3 convolution per layer.
+    del config["config"]["block"]
+    (models / "operator" / "config.json").write_text(json.dumps(config))
+    operator, _ = load_network(models / "operator", "operator")
+    assert operator.config.block == "conv"
+    assert torch.equal(operator(lr.expand(1, 3, 10, 14), torch.tensor([3.0])),
+                       model.operator(lr, torch.tensor([3.0])))
 
 
 def test_stale_or_missing_upstream_is_refused(tmp_path):
