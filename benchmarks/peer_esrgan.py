@@ -1,7 +1,7 @@
 """HNDSR against a pretrained ESRGAN, side by side, on the LR tiles `hndsr evaluate` scores.
 
     python benchmarks/peer_esrgan.py [--data data/processed] [--models models] [--split test] [--limit N]
-    python benchmarks/peer_esrgan.py --images ../shared/data/realsat [--crop 240]
+    python benchmarks/peer_esrgan.py --images imagery/realsat [--crop 240]
 
 The peer is `@upscalerjs/esrgan-thick` 1.0.0 from npm (RRDN, trained on DIV2K photos; its weights ship in the
 package) on TF.js 4.11 with the WebAssembly backend, one thread (`benchmarks/peer_esrgan/run.js`; `npm ci` in
@@ -15,9 +15,10 @@ at a time. Prints a table and writes `reports/peer_esrgan.json`; on the test spl
 so the evaluation report shows the peer's column. `--self-ensemble` adds a row for HNDSR's geometric
 self-ensemble (8 flips/turns averaged) with its time.
 
-With `--images FOLDER` it measures instead as the issue that asked for this comparison did, on images no model
-here was trained on: centre crops of `--crop` px, LR made by Pillow's bicubic, bicubic baseline by Pillow, PSNR
-on RGB 8-bit with a 4 px border shaved, mean over images. Nothing here is a test: it only measures.
+With `--images FOLDER` it measures instead as the issue that asked for this comparison did, on whole images the
+model may never have seen (imagery/realsat is unseen by the default Blue Marble model, but training and test data
+of the aerial profile's: score that model on its test split instead): centre crops of `--crop` px, LR made by
+Pillow's bicubic, bicubic baseline by Pillow, PSNR on RGB 8-bit with a 4 px border shaved, mean over images. Nothing here is a test: it only measures.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`hndsr predict` on whole scenes: output megapixels per second and peak resident memory by scene size.
 
-Scenes of N x N pixels are mosaics of a real raster (default ../shared/data/geotiff/landsat8_rgb_uint16.tif,
+Scenes of N x N pixels are mosaics of a real raster (default imagery/geotiff/landsat8_rgb_uint16.tif,
 Landsat 8 true colour, 16-bit), mirrored tile by tile so no seam is a step, written window by window as tiled
 GeoTIFFs with that raster's CRS and a 60 m grid. Each size runs `hndsr predict` in its own process; its peak
 resident set (the kernel's ru_maxrss for that child), wall time (including the Cloud-Optimized GeoTIFF's
@@ -31,7 +31,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO.parent / "shared" / "data" / "geotiff" / "landsat8_rgb_uint16.tif"
+SOURCE = REPO / "imagery" / "geotiff" / "landsat8_rgb_uint16.tif"
 
 
 def build_mosaic(source: Path, size: int, target: Path, *, distinct: bool = False) -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/scaleout.py [--images 8] [--side 2000] [--files 16] [--tile 256] [--model models]
 
-ETL: `hndsr etl` on `--images` real-image mosaics (the ten images of ../shared/data/realsat, tiled into squares
+ETL: `hndsr etl` on `--images` real-image mosaics (the ten images of imagery/realsat, tiled into squares
 of `--side` px, each a different image, so few tiles are duplicates), input megapixels per second. Prediction:
 `hndsr predict` at x2 on `--files` crops of `--tile` px of the same images with the model in `--model` (the
 default run's checkpoints, `make repro`), output megapixels per second. Each run is the whole command as a user
@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO.parent / "shared" / "data" / "realsat"))
+REALSAT = Path(os.environ.get("HNDSR_REALSAT", REPO / "imagery" / "realsat"))
 HNDSR = str(Path(sys.executable).parent / "hndsr")
 
 

@@ -15,7 +15,7 @@ from tests.compare import digest
 from tests.test_stage_dependencies import undeclared_params
 
 REPO = Path(__file__).resolve().parents[1]
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline", "training",
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".dvc/config", "hndsr", "pipeline", "training", "imagery",
                   "registry"]
 
 

@@ -2,7 +2,7 @@
 workflow tests (a plugin of tests/conftest.py: one definition, so a session trains the candidates once).
 
 Candidates are trained once per session by the real stage commands (`hndsr etl/train/evaluate`) on three real
-images from ../shared/data/realsat:
+images from imagery/realsat:
 - `good`:  operator trained long enough to beat bicubic on the test split;
 - `good2`: the same autoencoder, operator trained with another seed (a second, different good candidate);
 - `bad`:   one iteration per stage, i.e. an untrained model (below bicubic).

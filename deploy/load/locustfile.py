@@ -6,7 +6,7 @@
 The mix (weights): small tiles, 128 px at x4 with the model's default steps (12); mid-size crops, 256 px at x2.5
 (6); large crops, 512 px at x3 with 2 steps (2); the model card, GET /v1/model (1). Each simulated client waits
 0.5 to 2 s between requests. Images are crops of real satellite imagery: the PNGs of HNDSR_LOAD_IMAGES (a folder;
-default ../shared/data/realsat when present) or the repository's reference tile, tiled. With an API key, set
+default imagery/realsat when present) or the repository's reference tile, tiled. With an API key, set
 HNDSR_API_KEY. A 503 (busy) or 429 (quota) counts as a failure, named by its code, so the report shows when the
 server turned work away.
 """
@@ -27,7 +27,7 @@ SIZES = (128, 256, 512)
 
 
 def _sources() -> list[np.ndarray]:
-    folder = Path(os.environ.get("HNDSR_LOAD_IMAGES", REPO.parent / "shared" / "data" / "realsat"))
+    folder = Path(os.environ.get("HNDSR_LOAD_IMAGES", REPO / "imagery" / "realsat"))
     images = [np.asarray(Image.open(path).convert("RGB")) for path in sorted(folder.glob("*.png"))] \
         if folder.is_dir() else []
     if not images:

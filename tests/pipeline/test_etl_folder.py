@@ -1,4 +1,4 @@
-"""Folder sources: the real images in ../shared/data/realsat, bad inputs, and the paired HR/LR layout."""
+"""Folder sources: the real images in imagery/realsat, bad inputs, and the paired HR/LR layout."""
 
 import io
 import json

@@ -1,4 +1,4 @@
-"""The ETL on the real rasters of ../shared/data/geotiff: stored data types and bands kept, nodata tiles dropped and
+"""The ETL on the real rasters of imagery/geotiff: stored data types and bands kept, nodata tiles dropped and
 counted, the radiometry recorded (fixed and per-band percentiles of the training split), each source's CRS and
 pixel size in the manifest, and GeoTIFF sources from S3 read like the same files in a folder."""
 

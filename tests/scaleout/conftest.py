@@ -1,4 +1,4 @@
-"""A small real project for the scale-out tests: the ETL of three real images from ../shared/data/realsat, tiny
+"""A small real project for the scale-out tests: the ETL of three real images from imagery/realsat, tiny
 training params, a fresh PostgreSQL database per test and a real `mlflow server` on PostgreSQL."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`hndsr predict` as a real command on the real rasters of ../shared/data/geotiff (GeoTIFF in, GeoTIFF out),
+"""`hndsr predict` as a real command on the real rasters of imagery/geotiff (GeoTIFF in, GeoTIFF out),
 with small random-weight models of 3 and 4 bands (georeference, types, bands and nodata do not depend on quality)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The real server (`hndsr serve`) with the real rasters of ../shared/data/geotiff: GeoTIFF in, GeoTIFF out with
+"""The real server (`hndsr serve`) with the real rasters of imagery/geotiff: GeoTIFF in, GeoTIFF out with
 the refined georeference, 16-bit, float and 4-band inputs per the loaded checkpoint, and clear 4xx for rasters
 it cannot take."""
 
