@@ -14,7 +14,9 @@ def test_params_files_are_valid(path):
     assert common.scale_range[0] < common.scale_range[1]
     for stage in STAGE_NAMES:
         params, extras = load_stage(path, stage)
-        assert params.n_trials >= 2, "each stage is a sweep"
+        # Each stage is an Optuna study over a declared search space; the CPU profiles give the operator and the
+        # diffusion stage one long trial (README, the operator's recipe: it beat two short ones within 10 minutes).
+        assert params.n_trials >= (1 if stage != "autoencoder" else 2), f"{stage}: too few trials"
         assert params.search, f"{stage} declares no search space"
         assert (extras is not None) == (stage == "diffusion")
     load_evaluate(path)
