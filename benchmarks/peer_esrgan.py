@@ -18,7 +18,8 @@ self-ensemble (8 flips/turns averaged) with its time.
 With `--images FOLDER` it measures instead as the issue that asked for this comparison did, on whole images the
 model may never have seen (imagery/realsat is unseen by the default Blue Marble model, but training and test data
 of the aerial profile's: score that model on its test split instead): centre crops of `--crop` px, LR made by
-Pillow's bicubic, bicubic baseline by Pillow, PSNR on RGB 8-bit with a 4 px border shaved, mean over images. Nothing here is a test: it only measures.
+Pillow's bicubic, bicubic baseline by Pillow, PSNR on RGB 8-bit with a 4 px border shaved, mean over images.
+Nothing here is a test: it only measures.
 """
 
 from __future__ import annotations

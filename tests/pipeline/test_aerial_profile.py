@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import load_params
 from pipeline.etl import run_etl
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 PROFILE = "profiles/aerial.yaml"
 LEFT_OUT = {"aerial/s2_l2a_westsahara_desert_rgbn_100m.tif", "geotiff/landsat_4band_2020.tif",  # the profile says why
             "geotiff/landsat8_rgb_uint16.tif"}
