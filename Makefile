@@ -19,16 +19,17 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # Stage commands call `hndsr` and `dvc` from the venv.
 RUN := PATH="$(BIN):$$PATH"
 
-.PHONY: setup repro test tools image worker-image lint status ui clean help lock lock-check gpu-check gpu-kit
+.PHONY: setup repro test tools image worker-image lint status ui clean help lock lock-check gpu-check gpu-kit docs docs-serve
 
 help:
 	@echo "make repro   set up .venv and run the pipeline (dvc repro) on the default data"
 	@echo "make test    set up .venv and run the tests"
-	@echo "make image   build the serving image hndsr-serve:latest on this machine (README: The container)"
+	@echo "make image   build the serving image hndsr-serve:latest on this machine (docs/how-to/container.md)"
 	@echo "make worker-image   the scale-out image hndsr-worker:latest: sweep, Dask and torchrun nodes in containers"
 	@echo "make gpu-check  the GPU path measured on this machine's GPU: CUDA tests, training, latency, agreement,"
 	@echo "             HTTP (benchmarks/gpu_check.py; GPU_CHECK_ARGS=--dry-run runs it on the CPU at toy sizes)"
 	@echo "make gpu-kit    pack wheels, data and models for a GPU machine without the project's stack (.gpu/)"
+	@echo "make docs    build the documentation site into site/ (mkdocs build --strict); make docs-serve serves it"
 	@echo "make lint    ruff over the code"
 	@echo "make lock    re-resolve the lock files (requirements/*.txt) after changing pyproject.toml"
 	@echo "             (make lock LOCK_ARGS=--upgrade moves every package to its newest allowed version)"
@@ -109,7 +110,7 @@ image: tools
 	  $(if $(filter local,$(IMAGE_BASE)),--local-base,-- --build-arg BASE=$(IMAGE_BASE))
 
 # The scale-out image (deploy/images/worker.Dockerfile): the serving image plus the training stack, for sweep
-# workers, Dask workers and torchrun nodes in containers (README: Scaling out).
+# workers, Dask workers and torchrun nodes in containers (docs/how-to/scaling-out.md).
 WORKER_TAG ?= hndsr-worker:latest
 worker-image: image
 	deploy/images/build.sh --worker --serve $(IMAGE_TAG) --tag $(WORKER_TAG)
@@ -117,7 +118,7 @@ worker-image: image
 test: $(STAMP) tools
 	$(RUN) pytest
 
-# The GPU check (README: GPU): one run, one JSON report under reports/gpu/. Needs `make repro`'s models/ and
+# The GPU check (docs/how-to/gpu-check.md): one run, one JSON report under reports/gpu/. Needs `make repro`'s models/ and
 # data/processed/ (or GPU_CHECK_ARGS="--models DIR --data DIR").
 GPU_CHECK_ARGS ?=
 gpu-check: $(STAMP)
@@ -138,4 +139,13 @@ ui: $(STAMP)
 	$(RUN) mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
-	rm -rf $(VENV) data/processed models
+	rm -rf $(VENV) data/processed models site
+
+# The documentation site (docs/, mkdocs.yml): strict, so a broken link or anchor fails the build; the reference pages
+# are written from the code at every build (docs/gen_reference.py). SITE_DIR: where the HTML goes.
+SITE_DIR ?= site
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(RUN) mkdocs build --strict --site-dir $(SITE_DIR)
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(RUN) mkdocs serve --strict --dev-addr 127.0.0.1:8001

@@ -37,7 +37,7 @@ bfloat16 probe; CUDA within 45 dB of CPU float32. The report says for each wheth
 a section failed or a CUDA test failed.
 
 A GPU machine without the project's stack (the lent one: no MLflow, Optuna, FastAPI or rasterio, no package
-index) gets them from `benchmarks/gpu_kit.py`'s folder; README (GPU) says how.
+index) gets them from `benchmarks/gpu_kit.py`'s folder; docs/how-to/gpu-check.md says how.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _environment(**values: str):
 
 def start_engine(plan: Plan, models: Path):
     """The model and engine exactly as `hndsr serve` starts them (serving.runtime.start), without calibration."""
-    from serving import runtime
+    from inference import runtime
     from serving.settings import load_settings
 
     settings = load_settings(model_uri=str(models), device=plan.device.type)
@@ -302,7 +302,7 @@ def start_engine(plan: Plan, models: Path):
 
 
 def engine_latency(plan: Plan, loaded, engine, probe_tflops: float) -> dict:
-    from serving.engine import hr_size
+    from inference.engine import hr_size
 
     model = loaded.model
     rows = []
@@ -390,7 +390,7 @@ def _prior(model, lr: torch.Tensor, scale: float):
 def agreement(plan: Plan, loaded, models: Path) -> dict:
     """The served output against the model's float32 CPU output: same input, scale, steps and seed."""
     from hndsr.checkpoint import load_model
-    from serving.acceleration import psnr
+    from inference.acceleration import psnr
 
     lr = torch.from_numpy(real_crop(plan.agreement_size, loaded.model.data.channels)).permute(2, 0, 1)[None]
     steps = max(plan.steps)

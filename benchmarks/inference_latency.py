@@ -1,6 +1,6 @@
 """Inference latency of the trained model and its distance to the hardware limit: an LR input (default 128x128)
 at scale 4 with steps = 0 (prior only) and the model's default DDIM steps, in float32 eager (what
-`mlflow models serve` runs) and in the mode the server chooses at start-up (serving/acceleration.py: bfloat16
+`mlflow models serve` runs) and in the mode the server chooses at start-up (inference/acceleration.py: bfloat16
 and/or a compiled UNet where the checks pass), on the CPU and, when present, on the GPU.
 
     python benchmarks/inference_latency.py [--models models] [--repeat 5] [--size 128] [--scale 4]
@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hndsr.checkpoint import load_model
-from serving.acceleration import Acceleration, accelerate
+from inference.acceleration import Acceleration, accelerate
 
 
 def _sync(device: torch.device) -> None:

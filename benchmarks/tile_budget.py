@@ -1,6 +1,6 @@
 """How the engine's pass budget (`HNDSR_PASS_MEGAPIXELS`), batch size (`HNDSR_MAX_BATCH`) and workers
 (`HNDSR_WORKERS`) trade speed on this machine: the measurements behind the CPU defaults in
-serving/acceleration.py.
+inference/acceleration.py.
 
     python benchmarks/tile_budget.py [--models models] [--budgets 0.27 0.6 1.1 2.2 4.3] [--sizes 128 256 512]
                                      [--scale 4] [--repeat 2] [--device auto]
@@ -28,8 +28,8 @@ from PIL import Image
 
 from hndsr.degradation import hr_size
 from hndsr.raster import DataSpec
-from serving import acceleration, loader
-from serving.engine import Engine
+from inference import acceleration, loader
+from inference.engine import Engine
 
 REFERENCE = Path(__file__).resolve().parents[1] / "hndsr" / "reference_lr.png"
 

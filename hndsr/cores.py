@@ -7,7 +7,7 @@ about 100). Whatever starts several torch processes on one machine (local Dask w
 each `share(n)` threads through the environment that the OpenMP, MKL and OpenBLAS runtimes read at start.
 
 The thread count is also part of what makes a result repeat: oneDNN splits a convolution's work by the threads it
-has, so float sums round differently with another count (README "Determinism").
+has, so float sums round differently with another count (docs/explanation/reproducibility.md).
 """
 
 from __future__ import annotations

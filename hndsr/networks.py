@@ -21,9 +21,9 @@ LATENT_FACTOR = 2  # HR pixels per latent cell along each axis
 @dataclass(frozen=True)
 class AutoencoderConfig:
     channels: int = 3  # image bands (the checkpoint's data spec names them)
-    latent_channels: int = 8
-    width: int = 32
-    blocks: int = 1
+    latent_channels: int = 8  # channels of the latent (half the image's height and width)
+    width: int = 32  # channels of the convolutions
+    blocks: int = 1  # residual blocks in each side's convolutional branch
 
 
 class ResBlock(nn.Module):
@@ -97,10 +97,10 @@ class Autoencoder(nn.Module):
 @dataclass(frozen=True)
 class OperatorConfig:
     channels: int = 3  # image bands, as the autoencoder's
-    latent_channels: int = 8
-    width: int = 32
-    modes: int = 12
-    layers: int = 4
+    latent_channels: int = 8  # as the autoencoder's
+    width: int = 32  # channels of the Fourier layers
+    modes: int = 12  # Fourier modes kept per axis
+    layers: int = 4  # Fourier layers
     block: str = "conv"  # each layer's local branch: "conv" (one 3x3) or "attention" (SPAN's block, AttentionBlock)
 
     def __post_init__(self) -> None:
@@ -111,8 +111,9 @@ class OperatorConfig:
 class AttentionBlock(nn.Module):
     """SPAN's block (Wan et al., "Swift Parameter-free Attention Network", NTIRE 2024 efficient SR winner): three
     3x3 convolutions with SiLU between them, and an attention map made from the block's own output with no
-    parameters: sigmoid(out) - 0.5 (symmetric, zero where the features are). Returns (out + x) * attention, which
-    keeps the features the convolutions respond to and damps the rest."""
+    parameters: sigmoid(out) - 0.5 (odd in `out`: zero where the convolutions' output is zero, its sign where it is
+    not). Returns (out + x) * attention, which keeps the features the convolutions respond to strongly and damps
+    the rest."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -204,9 +205,9 @@ class NeuralOperator(nn.Module):
 # ----------------------------------------------------------------------------------------------- diffusion UNet
 @dataclass(frozen=True)
 class UNetConfig:
-    latent_channels: int = 8
-    width: int = 48
-    emb_dim: int = 128
+    latent_channels: int = 8  # as the autoencoder's
+    width: int = 48  # channels of the UNet's first level
+    emb_dim: int = 128  # size of the timestep embedding
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:

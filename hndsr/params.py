@@ -105,9 +105,9 @@ def _plain(value: Any) -> Any:
 class TrainCommon:
     """Shared by the three training stages, evaluation and the registry (params section `train`)."""
 
-    data_dir: str = "data/processed"
-    models_dir: str = "models"
-    metrics_dir: str = "metrics"
+    data_dir: str = "data/processed"  # the ETL's Parquet splits and manifest
+    models_dir: str = "models"  # checkpoints: models/<stage>/config.json + model.safetensors
+    metrics_dir: str = "metrics"  # each stage's metrics JSON (DVC metrics) and reports
     experiment: str = "hndsr"
     scale_range: list[float] = field(default_factory=lambda: [2.0, 4.0])
     device: str = "auto"  # auto | cpu | cuda
@@ -134,9 +134,9 @@ class EvaluateParams:
     """Params section `evaluate`: how the test split is scored (by the evaluate stage and the gate)."""
 
     steps: int | None = None  # null: the diffusion checkpoint's validated default
-    seed: int = 0
+    seed: int = 0  # the sampling seed of every test tile
     grid_tiles: int = 4  # test tiles in the sample grid image
-    batch_size: int = 16
+    batch_size: int = 16  # test tiles per forward pass
     # Also score the geometric self-ensemble (8 flips/turns averaged, 8x the time; hndsr.model.DIHEDRAL) as
     # ensemble_psnr/ensemble_ssim per scale and print its cost. The main figures (and the gate) stay plain.
     self_ensemble: bool = False

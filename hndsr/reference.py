@@ -1,6 +1,6 @@
 """The reference input: a fixed, real 64x64 LR image (a crop of NASA Blue Marble, Nile valley) that every check
 on a model's outputs runs on: the promotion gate (range, latency, registered copy) and the server's start-up
-checks of reduced precision and compiled graphs (serving/acceleration.py)."""
+checks of reduced precision and compiled graphs (inference/acceleration.py)."""
 
 from __future__ import annotations
 

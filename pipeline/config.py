@@ -59,10 +59,10 @@ class EtlParams:
     scales: list[float] = field(default_factory=lambda: [2.0, 2.5, 3.0, 4.0])
     min_tile_std: float = 6.0
     group_by: str = "auto"
-    block_tiles: int = 4
+    block_tiles: int = 4  # with group_by block: a block is block_tiles x block_tiles tiles
     group_regex: str | None = None
     guard: bool = True
-    splits: SplitRatios = field(default_factory=SplitRatios)
+    splits: SplitRatios = field(default_factory=SplitRatios)  # shares of groups per split: train, val, test
     split_seed: int = 0
     max_image_pixels: int = 150_000_000
     bands: list[int] | None = None

@@ -257,7 +257,7 @@ def promote(params_path: str | Path = "params.yaml", report_path: str | Path | N
             reason: str | None = None, to: str | None = None) -> dict:
     """Register and gate the pipeline's model, or with `version` gate that registered version again (`reason`:
     why, recorded; needed to bring back a rolled-back version). `to`: the alias a pass moves (default the
-    production alias; e.g. "candidate" to roll the version out gradually, README: Rolling out a new version).
+    production alias; e.g. "candidate" to roll the version out gradually, docs/tutorials/rollout.md).
     Returns the report (also written to `report_path` unless None). `before_move` runs between the final alias
     check and the move (tests race)."""
     params: PromoteParams = load_promote(params_path)
@@ -451,7 +451,7 @@ def rollback(params_path: str | Path = "params.yaml", reason: str = "") -> tuple
     return current, previous
 
 
-# -- gradual roll-outs (README: Rolling out a new version) -----------------------------------------------------
+# -- gradual roll-outs (docs/tutorials/rollout.md) -----------------------------------------------------
 
 CANARY_ALIAS = "candidate"
 

@@ -336,7 +336,7 @@ class Registry:
                         f"{self.name} version {version}: its artifacts are recorded at {moved}, which does not exist: "
                         "the folder holding them was moved or copied after they were logged (a local MLflow database "
                         "stores absolute paths). Move it back, re-run `dvc repro` here to register the model anew, "
-                        "or keep runs on a tracking server (README: A shared tracking server)")
+                        "or keep runs on a tracking server (docs/tutorials/tracking-server.md)")
                 raise RegistryError(f"{self.name} version {version} has no {CHECKPOINTS} artifact; it was not "
                                     "registered by `hndsr registry`")
             shutil.copytree(source, destination, dirs_exist_ok=True)

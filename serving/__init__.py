@@ -1,1 +1,1 @@
-"""The HTTP server (FastAPI + uvicorn) that serves the registered model, and its inference engine."""
+"""The HTTP server (FastAPI + uvicorn) that serves the registered model; its inference engine is `inference`."""

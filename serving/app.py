@@ -27,7 +27,9 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from serving import acceleration, loader, rollout, runtime
+from inference import acceleration, loader
+from inference import runtime as engine_start
+from serving import rollout, runtime
 from serving.errors import error_response, install_handlers
 from serving.routers import health, inference, metrics
 from serving.settings import Settings, load_settings
@@ -51,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.preloaded = None
         else:
             try:
-                state.model, state.engine = await asyncio.to_thread(runtime.start, settings,
+                state.model, state.engine = await asyncio.to_thread(engine_start.start, settings,
                                                                     on_batch=state.metrics.batch_size.observe)
             except loader.ModelLoadError as exc:
                 log.error("cannot load the model, not starting: %s", exc)

@@ -1,4 +1,4 @@
-"""`hndsr serve`: the HTTP server (settings from the environment: see serving/settings.py or the README).
+"""`hndsr serve`: the HTTP server (settings from the environment: docs/reference/settings.md).
 
 Shutdown (SIGTERM or Ctrl-C) drains: the server keeps accepting connections, answers /readyz and new
 super-resolve requests 503 (with Retry-After) and lets the requests in flight finish. The drain ends when none
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve the model over HTTP: the web page at /, POST /v1/super-resolve, GET /v1/model, /healthz, /readyz, /metrics, /rollout, /docs. "
         "The model comes from MODEL_URI (default models:/hndsr@production, resolved at MLFLOW_TRACKING_URI; "
-        "or a local folder); limits and the API key from HNDSR_* variables (README: Serving). Exit status: 0 after "
+        "or a local folder); limits and the API key from HNDSR_* variables (docs/reference/settings.md). Exit status: 0 after "
         f"a clean shutdown, {EXIT_SETTINGS} for an invalid setting, {EXIT_STARTUP} when the model cannot be loaded "
         "or started (the reason on one line).")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -38,9 +38,9 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from hndsr.errors import UserError
-    from serving import runtime
+    from inference import runtime
+    from inference.loader import ModelLoadError, quiet_store_errors
     from serving.app import create_app
-    from serving.loader import ModelLoadError, quiet_store_errors
     from serving.server import ANSWER_S, DrainingServer, protocol_class
 
     try:

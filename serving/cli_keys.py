@@ -1,4 +1,4 @@
-"""`hndsr keys`: make an API key for a named client of `hndsr serve` (README: Clients and quotas)."""
+"""`hndsr keys`: make an API key for a named client of `hndsr serve` (docs/how-to/quotas.md)."""
 
 from __future__ import annotations
 

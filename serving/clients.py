@@ -1,4 +1,4 @@
-"""API clients: named keys, each with its own quota (README: Clients and quotas).
+"""API clients: named keys, each with its own quota (docs/how-to/quotas.md).
 
 The clients file (`HNDSR_API_KEYS_FILE`, YAML) names each client, the SHA-256 of its key (the key itself is
 never stored, logged or shown) and its quotas per minute; a quota left out is unlimited:

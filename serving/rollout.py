@@ -1,4 +1,4 @@
-"""The server's side of a gradual roll-out (README: Rolling out a new version): loading the candidate the
+"""The server's side of a gradual roll-out (docs/tutorials/rollout.md): loading the candidate the
 roll-out alias points to, choosing a version per request, and backing the candidate out when it does worse
 than production (the rules: serving/canary.py)."""
 
@@ -16,9 +16,10 @@ from datetime import UTC, datetime
 import numpy as np
 from fastapi import Request
 
-from serving import loader, runtime
+from inference import loader
+from inference.engine import LoadedModel, Preempted
+from serving import runtime
 from serving.canary import bucket
-from serving.engine import LoadedModel, Preempted
 from serving.state import State, request_client
 
 log = logging.getLogger("hndsr.serving")
@@ -101,7 +102,7 @@ def choose(state: State, request: Request) -> LoadedModel:
 def shadow(state: State, lr, scale: float, steps: int, seed: int, answer) -> None:
     """Maybe run this production request on the candidate too, in the background: only when a shadow share is
     set, the draw falls in it, no other shadow run is in flight and the engine has no client work waiting;
-    never delays or fails the production answer (serving/engine.py preempts it for client work)."""
+    never delays or fails the production answer (inference/engine.py preempts it for client work)."""
     candidate, production = state.canary, state.model
     share = state.settings.shadow_share
     if candidate is None or share <= 0 or random.random() >= share:

@@ -1,11 +1,9 @@
 """Server settings, all from the environment (so the container is configured the same way), typed and checked
-by pydantic-settings. An empty variable counts as unset.
+by pydantic-settings: the engine's (inference/settings.py: the model, device, memory budget and arithmetic, shared
+with `hndsr predict`) and the HTTP server's below. An empty variable counts as unset.
 
 | variable | default | meaning |
 |---|---|---|
-| `MODEL_URI` | `models:/hndsr@production` | a registry alias or version, or a local folder (an exported model) |
-| `MLFLOW_TRACKING_URI` | `sqlite:///mlflow.db` | where `models:/` URIs are resolved (read by the registry) |
-| `HNDSR_DEVICE` | `auto` | `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ... |
 | `HNDSR_API_KEY` | unset | when set, `/v1/*` needs `Authorization: Bearer <key>` (one key for every client) |
 | `HNDSR_API_KEYS_FILE` | unset | a YAML file of named clients, each with its key's SHA-256 and quotas (serving/clients.py); then `/v1/*` needs one of those keys |
 | `HNDSR_MAX_UPLOAD_BYTES` | 20000000 | request body limit, enforced while reading |
@@ -13,16 +11,7 @@ by pydantic-settings. An empty variable counts as unset.
 | `HNDSR_MAX_OUTPUT_PIXELS` | 16000000 | output image limit (input pixels x scale^2) |
 | `HNDSR_MAX_BANDS` | 64 | most bands a raster may have, chosen or not (422 `too_many_bands`; a block holds every band) |
 | `HNDSR_MAX_BYTES_PER_PIXEL` | 128 | most bytes per pixel over all of a raster's bands (413 `input_too_large`) |
-| `HNDSR_MAX_QUEUE_PIXELS` | 64000000 | output pixels queued or running before new requests get 503 |
 | `HNDSR_MAX_STEPS` | 50 | most DDIM steps a request may ask for |
-| `HNDSR_PASS_MEGAPIXELS` | `auto` | the memory budget: most output megapixels one forward pass works on; an image whose output fits is one tile (auto: 0.6 on CPU, measured by benchmarks/tile_budget.py; on CUDA half the free memory, measured at start-up) |
-| `HNDSR_TILE_OVERLAP` | 8 | least overlap between neighbouring tiles, LR pixels |
-| `HNDSR_SELF_ENSEMBLE` | false | average every pass over the 8 flips and quarter turns of its tile (geometric self-ensemble): about 8x the compute; `hndsr predict --self-ensemble` sets it |
-| `HNDSR_MAX_BATCH` | `auto` | most tiles per forward pass (auto: 1 on CPU, where batching measured slower; 8 on CUDA) |
-| `HNDSR_WORKERS` | `auto` | passes in flight per device (auto: 2 on CPU, measured 11 % more throughput than 1; 1 on CUDA); memory is up to workers x pass budget |
-| `HNDSR_PRECISION` | `auto` | `auto`: bfloat16 where the device has it and the start-up check passes; `float32`: always float32 |
-| `HNDSR_COMPILE` | `auto` | `torch.compile` the diffusion UNet, kept if the start-up check passes: `auto` (CUDA only), `on`, `off` |
-| `HNDSR_MIN_PSNR_DB` | 45 | tolerance of the start-up checks: least PSNR against float32 on the reference input |
 | `HNDSR_PNG_COMPRESS_LEVEL` | 1 | zlib level of the PNG answers, 0..9 (same pixels; 1 is 5x faster than 6 for about 15 % more bytes) |
 | `HNDSR_DEADLINE_S` | 120 | per-request deadline, decoding and inference (504 when passed) |
 | `HNDSR_POLL_S` | 30 | how often the alias is checked for a new version (0: never) |
@@ -40,24 +29,19 @@ by pydantic-settings. An empty variable counts as unset.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
 
-Positive = Annotated[int, Field(gt=0)]
+from inference.settings import EngineSettings, Positive, SettingsError, load
+from inference.settings import env_name as _env_name
 
-
-class SettingsError(ValueError):
-    """A setting has a value the server cannot use; the message names the variable."""
+__all__ = ["Settings", "SettingsError", "env_name", "load_settings"]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HNDSR_", env_ignore_empty=True, frozen=True, extra="ignore",
-                                      populate_by_name=True)
+class Settings(EngineSettings):
+    """The engine's settings and the server's."""
 
-    model_uri: str = Field("models:/hndsr@production", validation_alias="MODEL_URI")
-    device: str = "auto"
     api_key: str | None = None
     api_keys_file: str | None = None
     max_upload_bytes: Positive = 20_000_000
@@ -65,16 +49,7 @@ class Settings(BaseSettings):
     max_output_pixels: Positive = 16_000_000
     max_bands: Positive = 64
     max_bytes_per_pixel: Positive = 128
-    max_queue_pixels: Positive = 64_000_000
     max_steps: Positive = 50
-    pass_megapixels: Annotated[float, Field(gt=0)] | Literal["auto"] = "auto"
-    tile_overlap: Annotated[int, Field(ge=2, le=64)] = 8
-    self_ensemble: bool = False  # average the 8 flips/turns of every pass (hndsr.model.DIHEDRAL): 8x the compute
-    max_batch: Positive | Literal["auto"] = "auto"
-    workers: Positive | Literal["auto"] = "auto"
-    precision: Literal["auto", "float32"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"
-    min_psnr_db: float = Field(45.0, gt=0)
     png_compress_level: Annotated[int, Field(ge=0, le=9)] = 1
     deadline_s: float = Field(120.0, gt=0)
     poll_s: float = Field(30.0, ge=0)
@@ -102,24 +77,9 @@ class Settings(BaseSettings):
 
 def env_name(field: str) -> str:
     """The environment variable that sets `field`."""
-    alias = Settings.model_fields[field].validation_alias
-    return alias if isinstance(alias, str) else f"HNDSR_{field.upper()}"
+    return _env_name(field, Settings)
 
 
 def load_settings(**overrides) -> Settings:
     """The settings from the environment (and `overrides`, by field name); SettingsError naming the variable."""
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        problems: dict[str, list[str]] = {}  # a field typed as a union fails once per member: one line each
-        for error in exc.errors():
-            where = [str(part) for part in error["loc"]]
-            field = where[0] if where and where[0] in Settings.model_fields else None
-            message = error["msg"].removeprefix("Value error, ")
-            key = f"{env_name(field)}={error.get('input')!r}: " if field else ""
-            problems.setdefault(key, [])
-            if message not in problems[key]:
-                problems[key].append(message)
-        lines = [key + " or ".join([first] + [m.removeprefix("Input should be ") for m in rest])
-                 for key, (first, *rest) in problems.items()]
-        raise SettingsError("; ".join(lines)) from None
+    return load(Settings, **overrides)

@@ -11,9 +11,9 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
+from inference.engine import Engine, LoadedModel
 from serving.canary import Monitor
 from serving.clients import Client, ClientsError, Quotas, load_clients
-from serving.engine import Engine, LoadedModel
 from serving.errors import ClientError
 from serving.metrics import Metrics
 from serving.settings import Settings, SettingsError

@@ -24,7 +24,7 @@ class Upload:
     scale: float
     steps: int | None  # None: the model's default
     seed: int
-    format: str | None = None  # png | tiff; None: by the input (serving/rasters.py)
+    format: str | None = None  # png | tiff; None: by the input (inference/rasters.py)
     bands: list[int] | None = None  # 1-based bands of a raster to feed the model
 
 

@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("hndsr", "pipeline", "training", "registry", "serving")
+PACKAGES = ("hndsr", "pipeline", "training", "registry", "inference", "serving")
 
 
 def module_file(name: str, root: Path = REPO) -> Path | None:

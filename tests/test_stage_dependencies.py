@@ -95,7 +95,8 @@ ALLOWED = {
     "pipeline": {"hndsr", "pipeline"},
     "training": {"hndsr", "training"},
     "registry": {"hndsr", "registry"},
-    "serving": {"hndsr", "serving", "registry.store"},
+    "inference": {"hndsr", "inference", "registry.store"},
+    "serving": {"hndsr", "inference", "serving", "registry.store"},
 }
 
 
@@ -117,10 +118,64 @@ def test_packages_import_one_way():
 
 
 def test_serving_runs_no_registry_code_but_the_store():
-    """What `hndsr serve` can import: hndsr, serving and the one registry module that talks to MLflow."""
+    """What `hndsr serve` and `hndsr predict` can import: hndsr, inference, serving (the server only) and the one
+    registry module that talks to MLflow."""
     modules = closure({"serving.cli", "serving.app"})
     assert {m for m in modules if m.startswith("registry")} <= {"registry", "registry.store"}
     assert not [m for m in modules if m.split(".")[0] in ("training", "pipeline")]
+    predict = closure({"inference.cli", "inference.predict"})
+    assert {m for m in predict if m.startswith("registry")} <= {"registry", "registry.store"}
+    assert not [m for m in predict if m.split(".")[0] in ("training", "pipeline", "serving")]
+
+
+def import_cycles(root: Path = REPO) -> list[list[str]]:
+    """The project's import circles: each strongly connected group of modules (imports inside functions count,
+    since they run too), sorted; Tarjan's algorithm over the graph read from the code."""
+    graph = {module_name(path, root): sorted(imported_modules(path, root))
+             for package in PACKAGES if (root / package).is_dir() for path in sorted((root / package).rglob("*.py"))}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph.get(node, []):
+            if other == node:
+                continue
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
+
+
+def test_no_module_imports_itself_through_others():
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_can_fail(tmp_path):
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "__init__.py").write_text("")
+    (tmp_path / "training" / "study.py").write_text("from training import distributed\n")
+    (tmp_path / "training" / "distributed.py").write_text("def f():\n    from training.study import E\n")
+    (tmp_path / "training" / "trainers.py").write_text("from training import distributed\n")
+    assert import_cycles(tmp_path) == [["training.distributed", "training.study"]]
 
 
 def test_the_import_rule_check_can_fail(tmp_path):
@@ -130,8 +185,11 @@ def test_the_import_rule_check_can_fail(tmp_path):
     (tmp_path / "training" / "config.py").write_text("X = 1\n")
     (tmp_path / "registry" / "promote.py").write_text("def f():\n    from training.config import X\n    return X\n")
     (tmp_path / "hndsr" / "cli.py").write_text("import serving\n")
-    (tmp_path / "serving" / "loader.py").write_text("from registry import promote\n")
+    (tmp_path / "inference" / "loader.py").write_text("from registry import promote\n")
+    (tmp_path / "serving" / "app.py").write_text("")
+    (tmp_path / "inference" / "predict.py").write_text("def f():\n    from serving import app\n")
     assert import_violations(tmp_path) == ["hndsr/cli.py imports serving", "registry/promote.py imports training.config",
-                                           "serving/loader.py imports registry.promote"]
+                                           "inference/loader.py imports registry.promote",
+                                           "inference/predict.py imports serving", "inference/predict.py imports serving.app"]
     assert module_name(tmp_path / "training" / "config.py", tmp_path) == "training.config"
     assert module_file("numpy", tmp_path) is None

@@ -17,10 +17,10 @@ STAGE_NAMES = ("autoencoder", "operator", "diffusion")
 class SearchParam:
     """One dimension of an Optuna search space: a float range (optionally log) or a list of choices."""
 
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
+    low: float | None = None  # a range's lower end
+    high: float | None = None  # a range's upper end
+    log: bool = False  # draw the range on a log scale (learning rates)
+    choices: list[Any] | None = None  # instead of a range: the values to choose among
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,15 @@ class StageParams:
     """One training stage (params section `train_<stage>`). `model` holds the network's constructor
     arguments; `search` names what Optuna varies: `lr`, or `model.<field>` to override a model argument."""
 
-    n_trials: int = 2
-    iterations: int = 600
-    batch_size: int = 16
-    crop: int = 48
-    lr: float = 1e-3
-    eval_every: int = 100
-    seed: int = 0
-    model: dict[str, Any] = field(default_factory=dict)
-    search: dict[str, SearchParam] = field(default_factory=dict)
+    n_trials: int = 2  # Optuna trials of the stage's study (each a nested MLflow run)
+    iterations: int = 600  # optimiser steps per trial
+    batch_size: int = 16  # crops per step (divided among torchrun processes)
+    crop: int = 48  # HR crop edge in pixels, a multiple of 4
+    lr: float = 1e-3  # AdamW learning rate (when `search` does not vary it)
+    eval_every: int = 100  # steps between validations (the trial's objective; Optuna prunes on it)
+    seed: int = 0  # trial k seeds torch and its sampler with seed + k
+    model: dict[str, Any] = field(default_factory=dict)  # the network's constructor arguments (below)
+    search: dict[str, SearchParam] = field(default_factory=dict)  # what Optuna varies: `lr` or `model.<key>`
     study_name: str | None = None  # join an existing study (several workers); null: a new one per run
     ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved; 0 = off
     hf_weight: float = 0.0  # operator only: weight of a high-frequency L1 term in its pixel loss; 0 = off
@@ -71,14 +71,14 @@ class StageParams:
 class DiffusionExtras:
     """Sampling settings the diffusion stage chooses on validation (params section `train_diffusion.sampling`)."""
 
-    steps_choices: list[int] = field(default_factory=lambda: [4, 8])
-    temperature_choices: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
+    steps_choices: list[int] = field(default_factory=lambda: [4, 8])  # DDIM steps tried (steps = 0 always competes)
+    temperature_choices: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 1.0])  # noise scale tried
     strength_choices: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM eta: 0 = deterministic sampling
     max_psnr_cost: float = 0.4  # dB below steps = 0 allowed at any validation scale
     min_gain_over_bicubic: float = 0.1  # dB above bicubic required at every validation scale
     min_gmsd_gain: float = 0.02  # relative GMSD reduction against steps = 0 for steps to be the default
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = 1000  # the noise schedule's length
     prediction_type: str = "sample"
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from training.errors import TrainingError
+
 log = logging.getLogger("hndsr.distributed")
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a rank waiting longer than this for the others gives up
@@ -109,8 +111,6 @@ def wrap(network: nn.Module) -> nn.Module:
 def shard(batch_size: int) -> tuple[int, int]:
     """This rank's rows [start, stop) of a global batch of `batch_size`."""
     if batch_size % _world.size:
-        from training.study import TrainingError
-
         raise TrainingError(f"batch_size {batch_size} does not divide into {_world.size} equal shares (one per "
                             "process of torchrun); choose a multiple of the world size")
     share = batch_size // _world.size

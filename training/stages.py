@@ -28,10 +28,10 @@ from hndsr.scheduler import DDIMConfig, DDIMScheduler
 from hndsr.splits import data_spec, dataset_hash, load_hr_tiles, load_pairs
 from training import distributed, tracking
 from training.config import DiffusionExtras, StageParams, load_stage
+from training.errors import TrainingError
 from training.runtime import setup_runtime
 from training.study import (
     Sweep,
-    TrainingError,
     find_sweep,
     finish,
     follow,

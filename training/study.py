@@ -39,9 +39,9 @@ import torch
 from optuna.trial import TrialState
 
 from hndsr.checkpoint import load_network, save_network
-from hndsr.errors import UserError
 from training import distributed, tracking
 from training.config import SearchParam, StageParams
+from training.errors import TrainingError
 from training.trainers import TrialResult
 
 log = logging.getLogger("hndsr.study")
@@ -49,10 +49,6 @@ log = logging.getLogger("hndsr.study")
 ATTR = "hndsr"  # the study's user attribute describing the sweep (stage, budget, parent run, hashes)
 STORAGE_VARIABLE = "HNDSR_STUDY_STORAGE"
 RESULT = "trial"  # each trial run's artifact folder: config.json, model.safetensors, result.json
-
-
-class TrainingError(UserError, RuntimeError):
-    """A training stage could not produce a model; the message says why."""
 
 
 def suggest(trial: optuna.Trial, search: dict[str, SearchParam]) -> dict:

@@ -13,8 +13,9 @@ from fastapi.responses import JSONResponse, Response
 from hndsr import imagefile
 from hndsr.degradation import hr_size
 from hndsr.images import ImageDecodeError
-from serving import rasters, rollout
-from serving.engine import DeadlineExceeded, Overloaded
+from inference import rasters
+from inference.engine import DeadlineExceeded, Overloaded
+from serving import rollout
 from serving.errors import ClientError, image_error
 from serving.state import VERSION, StateDep, request_client, require_api_key
 from serving.upload import read_upload

@@ -18,9 +18,9 @@ from hndsr.images import to_tensor, to_uint8
 from hndsr.networks import DiffusionUNet, UNetConfig
 from hndsr.params import load_common
 from hndsr.raster import DataSpec
-from serving.acceleration import Acceleration, accelerate, default_max_batch, pass_megapixels, psnr
-from serving.engine import Engine, LoadedModel, Tile, _tile_seed
-from serving.loader import pick_device
+from inference.acceleration import Acceleration, accelerate, default_max_batch, pass_megapixels, psnr
+from inference.engine import Engine, LoadedModel, Tile, _tile_seed
+from inference.loader import pick_device
 from tests.conftest import REPO, free_port
 from tests.serving.test_server import write_model
 from training import distributed

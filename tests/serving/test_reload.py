@@ -9,7 +9,8 @@ import sqlite3
 
 import pytest
 
-from serving import loader, runtime
+from inference import loader
+from serving import runtime
 from serving.settings import Settings
 from serving.state import State
 

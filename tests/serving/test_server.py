@@ -34,7 +34,7 @@ from hndsr.networks import (
     UNetConfig,
 )
 from hndsr.raster import DEFAULT_BANDS, DataSpec
-from serving.acceleration import bfloat16_supported
+from inference.acceleration import bfloat16_supported
 from tests.compare import sha
 from tests.conftest import free_port, stop_process
 
@@ -151,7 +151,7 @@ def model_output(model_dir: Path, pixels: np.ndarray, scale: float, seed: int) -
     laid out as the engine lays out a batch of one tile: oneDNN picks its convolution by the input's strides too,
     and with one thread a size-1 batch axis of stride 0 (`to_tensor` of one image) rounds a value differently."""
     from hndsr.images import to_uint8
-    from serving.engine import Tile, _tile_seed
+    from inference.engine import Tile, _tile_seed
 
     tile_seed = _tile_seed(seed, Tile(0, 0, *pixels.shape[:2]))
     lr = torch.from_numpy(np.stack([DataSpec.fixed().image_to_model(pixels)])).permute(0, 3, 1, 2)  # (1, C, h, w)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+import inference.settings
 import serving.settings
 from hndsr.images import ImageDecodeError, ImageTooLarge, UnsupportedFormat
 from serving.app import create_app
@@ -35,8 +36,9 @@ def test_settings_come_from_the_documented_variables(env):
     assert (settings.max_batch, settings.precision, settings.compile) == ("auto", "auto", "auto")
     assert settings.api_key is None
     assert env_name("model_uri") == "MODEL_URI" and env_name("max_batch") == "HNDSR_MAX_BATCH"
-    for field in Settings.model_fields:  # every setting is in the module's table
-        assert f"`{env_name(field)}`" in serving.settings.__doc__
+    for field in Settings.model_fields:  # every setting is in its module's table: the engine's or the server's
+        owner = inference.settings if field in inference.settings.EngineSettings.model_fields else serving.settings
+        assert f"`{env_name(field)}`" in owner.__doc__, field
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [

@@ -10,7 +10,8 @@ import torch
 from hndsr.networks import NeuralOperator, OperatorConfig
 from training import tracking
 from training.config import SearchParam, StageParams
-from training.study import TrainingError, find_sweep, finish, start_sweep, work
+from training.errors import TrainingError
+from training.study import find_sweep, finish, start_sweep, work
 from training.trainers import TrialResult
 
 PARAMS = StageParams(n_trials=3, search={"lr": SearchParam(low=1e-4, high=1e-2, log=True)})

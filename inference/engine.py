@@ -20,7 +20,7 @@ bands and data type, to them and back); the result is (H, W, C) float32 in [0, 1
 one-tile image and the blend of the tiles otherwise.
 
 Arithmetic: a batch runs in the precision the model was admitted with at load (`LoadedModel.acceleration`,
-chosen and checked against float32 by serving/acceleration.py): bfloat16 autocast, or float32.
+chosen and checked against float32 by inference/acceleration.py): bfloat16 autocast, or float32.
 
 Admission: a request is accepted while the output pixels of everything queued or running stay within
 `max_queue_pixels`; otherwise `Overloaded` (the server answers 503 with Retry-After). Deadlines are checked
@@ -54,9 +54,9 @@ import torch
 
 from hndsr.degradation import hr_size
 from hndsr.model import DIHEDRAL, PAD_MULTIPLE
-from serving.acceleration import Acceleration
+from inference.acceleration import Acceleration
 
-log = logging.getLogger("hndsr.serving")
+log = logging.getLogger("hndsr.inference")
 
 
 class Overloaded(RuntimeError):

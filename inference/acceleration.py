@@ -29,7 +29,7 @@ import torch
 
 from hndsr.reference import reference_input
 
-log = logging.getLogger("hndsr.serving")
+log = logging.getLogger("hndsr.inference")
 
 
 @dataclass

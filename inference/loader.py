@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from hndsr.checkpoint import CheckpointError, load_model
-from serving.acceleration import accelerate
-from serving.engine import LoadedModel
+from inference.acceleration import accelerate
+from inference.engine import LoadedModel
 
-log = logging.getLogger("hndsr.serving")
+log = logging.getLogger("hndsr.inference")
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -133,7 +133,7 @@ def first_line(exc: BaseException) -> str:
 def load(model_uri: str, device: torch.device, *, version: str | None = None, precision: str = "auto",
          compile: str = "auto", min_psnr_db: float = 45.0, max_batch: int = 1) -> LoadedModel:
     """Load the model at `model_uri` (for an alias: `version` if given, else where it points), choose and check
-    its reduced precision and compilation on the reference input (serving/acceleration.py), which warms it up."""
+    its reduced precision and compilation on the reference input (inference/acceleration.py), which warms it up."""
     start = time.perf_counter()
     match = _MODELS_URI.match(model_uri)
     if match:

@@ -1,10 +1,10 @@
-"""`hndsr predict`: super-resolve files and folders with the serving engine, scenes window by window.
+"""`hndsr predict`: super-resolve files and folders with the engine `hndsr serve` runs, scenes window by window.
 
 A raster (GeoTIFF, or any TIFF) is read through rasterio in windows: each core window of the LR scene is read
 with a halo of `HALO` LR pixels on every side, run through the engine (which tiles and blends it exactly as
 it does a server request), cropped back to the core and written to the output GeoTIFF at its place. Memory
 therefore depends on the window size, not on the scene's. Window origins lie on the engine's tile-origin
-lattice (`serving.engine.lattice_periods`), so every window's output grid is the scene's own shifted by whole
+lattice (`inference.engine.lattice_periods`), so every window's output grid is the scene's own shifted by whole
 multiples of the model's 4 px grid (no sub-pixel seams); for a scale with no such period up to `MAX_PERIOD` LR
 px, the misplacement is logged and reported.
 
@@ -17,7 +17,7 @@ scale, steps, seed and the torch thread count. PNG and JPEG inputs give PNG outp
 
 Repeatability: the same input, model, options, machine type and torch thread count give the same bytes. Another
 thread count (`--workers` N gives each worker its share of the cores) rounds some float sums differently; the
-outputs then differ by at most one level in a few values (README "Determinism").
+outputs then differ by at most one level in a few values (docs/explanation/reproducibility.md).
 
 Consistency figures, per scene (`<name>.consistency.json`), need no high-resolution truth: the output is
 shrunk back with the degradation function (hndsr.degradation) and compared with the input on valid pixels:
@@ -52,7 +52,7 @@ from hndsr.consistency import Consistency
 from hndsr.degradation import hr_size
 from hndsr.images import ImageDecodeError, decode_rgb, encode_png
 from hndsr.raster import RasterError
-from serving.engine import Engine, LoadedModel, lattice_periods, plan_tiles
+from inference.engine import Engine, LoadedModel, lattice_periods, plan_tiles
 
 log = logging.getLogger("hndsr.predict")
 
@@ -157,7 +157,7 @@ _WORKER_MODEL: dict = {}  # in a cluster's worker process: settings -> (model, e
 
 
 def _predict_task(settings, out_dir: Path, options: Options, item: tuple[Path, Path]) -> Result:
-    from serving import runtime
+    from inference import runtime
 
     key = settings.model_dump_json()
     if key not in _WORKER_MODEL:

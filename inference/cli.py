@@ -1,4 +1,4 @@
-"""`hndsr predict`: super-resolve files and folders (PNG, JPEG, TIFF, GeoTIFF) with the serving engine."""
+"""`hndsr predict`: super-resolve files and folders (PNG, JPEG, TIFF, GeoTIFF) with the engine `hndsr serve` runs."""
 
 from __future__ import annotations
 
@@ -71,10 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from hndsr.tasks import Cluster
-    from serving import runtime
-    from serving.loader import ModelLoadError
-    from serving.predict import Options, PredictError, predict, predict_on_cluster
-    from serving.settings import SettingsError, load_settings
+    from inference import runtime
+    from inference.loader import ModelLoadError
+    from inference.predict import Options, PredictError, predict, predict_on_cluster
+    from inference.settings import SettingsError
+    from inference.settings import load_engine_settings as load_settings
 
     if args.steps is not None and args.steps < 0:
         raise PredictError(f"--steps must be 0 or more, got {args.steps}")
@@ -110,5 +111,5 @@ def main(args: argparse.Namespace) -> int:
     return 1 if failed or not results else 0
 
 
-predict = Command("super-resolve files and folders (GeoTIFF in, GeoTIFF out) with the serving engine",
+predict = Command("super-resolve files and folders (GeoTIFF in, GeoTIFF out) with the engine `hndsr serve` runs",
                   add_arguments, main)

@@ -15,7 +15,7 @@ from hndsr.checkpoint import load_model
 from hndsr.degradation import hr_size
 from hndsr.images import to_tensor, to_uint8
 from hndsr.raster import DataSpec
-from serving.engine import (
+from inference.engine import (
     TILE_EDGES,
     Engine,
     LoadedModel,
@@ -245,7 +245,7 @@ def test_compiled_bfloat16_model_serves_within_the_tolerance(tmp_path):
     """The cheaper modes when their checks pass: bfloat16 (on a CPU with bfloat16 instructions; elsewhere the
     check says why not) and a compiled UNet, then served through the engine at an integer and a non-integer scale,
     within the tolerance of the model's own float32 output."""
-    from serving.acceleration import accelerate, bfloat16_supported, psnr
+    from inference.acceleration import accelerate, bfloat16_supported, psnr
     from tests.serving.test_server import write_model
 
     folder = write_model(tmp_path / "models", seed=1)
@@ -322,7 +322,7 @@ def test_the_same_thread_count_repeats_exactly_and_another_differs_by_one_level_
     """README "Determinism": oneDNN splits a convolution's sums by the threads it has, so the output is a function
     of the input, model, seed, machine type and the torch thread count. With another thread count, stored 8- and
     16-bit values differ by at most one level, in a small share of the values."""
-    from serving.acceleration import Acceleration, _layout, bfloat16_supported
+    from inference.acceleration import Acceleration, _layout, bfloat16_supported
     from tests.serving.test_server import write_model
 
     if precision == "bfloat16" and not bfloat16_supported(torch.device("cpu"))[0]:
@@ -359,7 +359,7 @@ def test_a_mode_whose_output_holds_nan_fails_its_check_with_a_json_record():
     record that /v1/model can serve (JSON has no NaN), not reported as "identical"."""
     import json
 
-    from serving.acceleration import verdict
+    from inference.acceleration import verdict
 
     reference = [torch.rand(1, 3, 8, 8)]
     broken = [reference[0].clone()]
