@@ -13,9 +13,9 @@ import uuid
 import httpx
 import pytest
 from PIL import Image
-from tests.serving.test_predict import check_georeferenced_output
 
 from tests.containers import Container, bridge_gateway, docker, require_engine
+from tests.inference.test_predict import check_georeferenced_output
 from tests.serving.test_server import Server, decode, psnr_255
 from tests.tracking import copy_candidate, run, start_mlflow_server
 

@@ -15,9 +15,9 @@ import rasterio
 import yaml
 from rasterio.io import MemoryFile
 from rasterio.windows import Window
-from tests.serving.test_predict import RGBN, check_georeferenced_output
 
 from tests.conftest import REPO
+from tests.inference.test_predict import RGBN, check_georeferenced_output
 from tests.serving.test_server import Server
 from tests.tracking import PROMOTE, TRAIN, run
 

@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 from rasterio.io import MemoryFile
-from tests.serving.test_predict import FILES, RGBN, check_georeferenced_output
 
 from hndsr import cores
+from tests.inference.test_predict import FILES, RGBN, check_georeferenced_output
 from tests.serving.test_server import Server, write_model
 
 pytestmark = pytest.mark.slow
