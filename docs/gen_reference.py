@@ -66,9 +66,17 @@ def cli_page() -> str:
         parser = argparse.ArgumentParser(prog=f"hndsr {name}", description=command.help)
         command.add_arguments(parser)
         parts += [f"\n## hndsr {name}\n\n", code(parser.format_help())]
-        for action, sub in sorted(_subparsers(parser).items()):
-            parts += [f"\n### hndsr {name} {action}\n\n", code(sub.format_help())]
+        parts += _nested(parser, f"hndsr {name}", 3)
     return "".join(parts)
+
+
+def _nested(parser: argparse.ArgumentParser, prefix: str, level: int) -> list[str]:
+    """The help of every sub-action under `parser`, depth first (`hndsr registry rollout status`)."""
+    parts = []
+    for action, sub in sorted(_subparsers(parser).items()):
+        parts += [f"\n{'#' * min(level, 6)} {prefix} {action}\n\n", code(sub.format_help())]
+        parts += _nested(sub, f"{prefix} {action}", level + 1)
+    return parts
 
 
 # -- settings -----------------------------------------------------------------------------------------------------
