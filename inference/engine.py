@@ -54,6 +54,7 @@ import torch
 
 from hndsr.degradation import hr_size
 from hndsr.model import DIHEDRAL, PAD_MULTIPLE
+from hndsr.monitoring import Reference
 from inference.acceleration import Acceleration
 
 log = logging.getLogger("hndsr.inference")
@@ -252,6 +253,7 @@ class LoadedModel:
     device: torch.device
     acceleration: Acceleration = field(default_factory=Acceleration)
     speed: Speed | None = None  # set by Engine.calibrate
+    reference: Reference | None = None  # the training reference it is monitored against (hndsr.monitoring)
 
 
 class Engine:

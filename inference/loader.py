@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from hndsr.checkpoint import CheckpointError, load_model
+from hndsr.checkpoint import STAGES, CheckpointError, load_model, weights_hash
+from hndsr.monitoring import REFERENCE_FILE, Reference
 from inference.acceleration import accelerate
 from inference.engine import LoadedModel
 
@@ -150,6 +151,7 @@ def load(model_uri: str, device: torch.device, *, version: str | None = None, pr
         loaded = LoadedModel(model, {"version": "local", "alias": None, "source": str(folder.resolve()),
                                      "run_id": config.get("run_id"), "dataset_hash": config.get("dataset_hash"),
                                      "metrics": {}}, device)
+        loaded.reference = _local_reference(checkpoints)
     loaded.acceleration = accelerate(loaded.model, device, precision=precision, compile=compile,
                                      min_psnr_db=min_psnr_db, max_batch=max_batch)
     loaded.info["inference"] = loaded.acceleration.report()
@@ -157,6 +159,7 @@ def load(model_uri: str, device: torch.device, *, version: str | None = None, pr
     loaded.info["scale_range"] = [loaded.model.min_scale, loaded.model.max_scale]
     loaded.info["data"] = loaded.model.data.to_config()  # the bands it takes and each data type's mapping
     loaded.info["device"] = str(device)
+    loaded.info["reference"] = loaded.reference.summary() if loaded.reference is not None else None
     log.info("loaded model %s (version %s) on %s in %.1f s; %s%s", model_uri, loaded.info["version"], device,
              time.perf_counter() - start, loaded.acceleration.precision,
              ", compiled UNet" if loaded.acceleration.compiled else "")
@@ -188,6 +191,7 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
             checkpoints = registry.download_checkpoints(version, Path(tmp), verify=registered)
             try:
                 model = load_model(checkpoints).to(device)
+                reference = _read_reference(checkpoints)  # its hash was checked with the weights'
             except (CheckpointError, KeyError, ValueError) as exc:  # registered broken: no `dvc` advice applies
                 raise ModelLoadError(f"{name} version {version} cannot be loaded: {str(exc).split('; ')[0]}") \
                     from None
@@ -201,5 +205,34 @@ def _load_registered(match: re.Match, device: torch.device, version: str | None)
             "run_id": registered.run_id, "dataset_hash": tags.get("dataset_hash"),
             "git_commit": tags.get("git_commit"), "gate": tags.get("gate.decision"),
             "metrics": scores_from_tags(tags)}
-    return LoadedModel(model, info, device)
+    return LoadedModel(model, info, device, reference=reference)
+
+
+def _read_reference(checkpoints: Path) -> Reference | None:
+    """The monitoring reference beside the checkpoints (hndsr.monitoring), or None when there is none."""
+    path = checkpoints / REFERENCE_FILE
+    if not path.is_file():
+        return None
+    return Reference.from_record(json.loads(path.read_text()))
+
+
+def _local_reference(checkpoints: Path) -> Reference | None:
+    """A local folder's monitoring reference, if it has one written for these weights (the evaluate stage
+    records their hashes in it); else None, logged: the server then reports consistency but no input drift."""
+    try:
+        reference = _read_reference(checkpoints)
+    except (ValueError, KeyError) as exc:
+        log.warning("%s/%s cannot be read (%s); serving without a monitoring reference", checkpoints, REFERENCE_FILE,
+                    exc)
+        return None
+    if reference is None:
+        log.info("%s has no %s (written by the evaluate stage): no input-drift figures, consistency only",
+                 checkpoints, REFERENCE_FILE)
+        return None
+    weights = {stage: weights_hash(checkpoints / stage) for stage in STAGES}
+    if reference.record.get("models") != weights:
+        log.warning("%s/%s was written for other weights (re-run the evaluate stage); serving without it",
+                    checkpoints, REFERENCE_FILE)
+        return None
+    return reference
 

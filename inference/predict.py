@@ -47,7 +47,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from hndsr import raster
+from hndsr import monitoring, raster
 from hndsr.consistency import Consistency
 from hndsr.degradation import hr_size
 from hndsr.images import ImageDecodeError, decode_rgb, encode_png
@@ -127,7 +127,7 @@ def predict_file(source: Path, relative: Path, out_dir: Path, model: LoadedModel
             if is_raster:
                 result.figures = predict_scene(source, target, model, engine, options)
             else:
-                predict_image(source, target, model, engine, options)
+                result.figures = predict_image(source, target, model, engine, options)
             result.output = str(target)
         except (RasterError, ImageDecodeError, ValueError) as exc:
             result.error = str(exc)
@@ -279,6 +279,7 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                                            engine.pass_pixels, engine.overlap)) for y, x in windows]
         seeds = [options.seed + k for k in range(max(1, options.uncertainty))]
         figures = Consistency(spec, dtype, len(indexes))
+        watch, windows_watched = monitoring.Accumulator(), []  # the server's label-free figures, per window
         unc_target = target.with_name(f"{target.stem}.uncertainty.tif")
         work, work_unc = (path.with_name(f".{path.name}.work") for path in (target, unc_target))
         tmp, tmp_unc = (path.with_name(f".{path.name}.partial") for path in (target, unc_target))
@@ -301,10 +302,16 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                 ahead = len(engine.workers) + 1
 
                 def finish() -> None:
-                    window, jobs, values, valid = pending.popleft()
+                    window, jobs, values, valid, lr = pending.popleft()
                     outputs = [job.future.result() for job in jobs]
                     _write(window, outputs, values, valid, scale, halo, (height, width), (out_h, out_w), spec,
                            dtype, nodata, with_mask, dst, unc, figures)
+                    (y0, y1), (x0, x1), _ = window
+                    watched = monitoring.assess(lr, None if valid.all() else valid, outputs[0], scale,
+                                                model.reference)
+                    watch.add(watched, lr.shape[0] * lr.shape[1])
+                    windows_watched.append({"window": {"rows": [y0, y1], "cols": [x0, x1]},
+                                            **watched.to_dict(model.reference)})
                     bar.update(sum(len(job.tiles) for job in jobs))
 
                 for (y0, y1), (x0, x1) in windows:
@@ -312,7 +319,7 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
                     values, valid = raster.read_window(src, indexes, Window(rx0, ry0, rx1 - rx0, ry1 - ry0))
                     lr = raster.model_input(values, valid, spec)
                     jobs = [engine.submit(model, lr, scale, steps, seed, DEADLINE_S) for seed in seeds]
-                    pending.append((((y0, y1), (x0, x1), (ry0, rx0)), jobs, values, valid))
+                    pending.append((((y0, y1), (x0, x1), (ry0, rx0)), jobs, values, valid, lr))
                     while len(pending) >= ahead:
                         finish()
                 while pending:
@@ -330,7 +337,9 @@ def predict_scene(source: Path, target: Path, model: LoadedModel, engine: Engine
               "scale": scale, "steps": steps, "seed": options.seed, "size": [out_w, out_h], "bands": len(indexes),
               "dtype": dtype, "windows": len(windows), "window_misplacement_px": misplacement, "threads": threads,
               "seconds": round(seconds, 3), "output_megapixels_per_s": round(out_h * out_w / 1e6 / seconds, 4),
-              "consistency": figures.summary(), "uncertainty_seeds": options.uncertainty or None}
+              "consistency": figures.summary(), "uncertainty_seeds": options.uncertainty or None,
+              "monitoring": {**watch.total(model.reference).to_dict(model.reference), "windows": windows_watched,
+                             "reference": model.reference.summary() if model.reference is not None else None}}
     target.with_name(f"{target.stem}.consistency.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("%s -> %s in %.1f s; consistency %s", source.name, target, seconds, json.dumps(report["consistency"]))
     return report
@@ -379,8 +388,9 @@ def _write(window, outputs, values, valid, scale, halo, lr_shape, out_shape, spe
     figures.add(core[0], lr_core, valid[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0], scale)
 
 
-def predict_image(source: Path, target: Path, model: LoadedModel, engine: Engine, options: Options) -> None:
-    """A PNG or JPEG: decoded whole by the server's rule (hndsr.images), PNG out."""
+def predict_image(source: Path, target: Path, model: LoadedModel, engine: Engine, options: Options) -> dict:
+    """A PNG or JPEG: decoded whole by the server's rule (hndsr.images), PNG out; its report (the label-free
+    figures, hndsr.monitoring) beside it as NAME.consistency.json."""
     spec = model.model.data
     if spec.channels != 3:
         raise PredictError(f"{source}: the model expects {spec.describe()}; PNG and JPEG images are RGB")
@@ -398,4 +408,11 @@ def predict_image(source: Path, target: Path, model: LoadedModel, engine: Engine
     tmp = target.with_name(f".{target.name}.partial")
     tmp.write_bytes(encode_png(spec.image_from_model(output, "uint8")))
     os.replace(tmp, target)
-    log.info("%s -> %s (x%g, steps %d)", source.name, target, scale, steps)
+    figures = monitoring.assess(lr, None, output, scale, model.reference).to_dict(model.reference)
+    report = {"source": str(source), "output": str(target), "model_version": model.info.get("version"),
+              "scale": scale, "steps": steps, "seed": options.seed, "size": [output.shape[1], output.shape[0]],
+              "monitoring": {**figures, "reference": model.reference.summary() if model.reference else None}}
+    target.with_name(f"{target.stem}.consistency.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("%s -> %s (x%g, steps %d); consistency %s dB", source.name, target, scale, steps,
+             figures["consistency_psnr_db"])
+    return report

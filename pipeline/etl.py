@@ -33,13 +33,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from hndsr import raster, tasks
+from hndsr import monitoring, raster, tasks
 from hndsr.atomic import atomic_directory
 from hndsr.degradation import degrade
 from hndsr.errors import UserError
 from hndsr.images import ImageDecodeError, to_tensor, to_uint8
 from hndsr.raster import DataSpec
-from hndsr.splits import encode_tile
+from hndsr.splits import decode_tile, encode_tile
 from pipeline.config import SPLITS, EtlParams
 from pipeline.dataset import SCHEMA, SplitWriter, dataset_hash, format_scale
 from pipeline.reading import SourceImage, fixed_spec, open_image, percentile_spec, training_sample
@@ -180,8 +180,27 @@ def run_etl(params: EtlParams, out_dir: str | Path, cluster: tasks.Cluster | Non
         manifest["data"] = spec.to_config()
         manifest["radiometry"] = {"method": params.radiometry.method, "computed_on": radiometry_record,
                                   "rule": "model = (stored - low) / (high - low), per band and data kind"}
+        manifest["reference"] = input_reference(staging / "train.parquet", spec)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return EtlReport(manifest, time.perf_counter() - start)
+
+
+def input_reference(train: Path, spec: DataSpec) -> dict | None:
+    """The training split's input reference for monitoring (hndsr.monitoring): per band, the histogram of every
+    LR tile's values at every scale in model units, its training range and PSI groups."""
+    counts = np.zeros((spec.channels, monitoring.BINS + 2), dtype=np.int64)
+    tiles = 0
+    if not train.is_file():
+        return None
+    for batch in pq.ParquetFile(train).iter_batches(batch_size=256, columns=["lr_image"]):
+        for data in batch.column("lr_image").to_pylist():
+            counts += monitoring.band_counts(spec.image_to_model(decode_tile(data)))
+            tiles += 1
+    if not tiles:
+        return None
+    return monitoring.input_reference(counts, list(spec.bands),
+                                      f"training split: {tiles} LR tiles (every scale), {int(counts[0].sum())} "
+                                      "values per band")
 
 
 def _list_units(params: EtlParams) -> tuple[list[tuple[SourceFile, SourceFile | None]], list, dict, str]:

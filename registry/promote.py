@@ -36,12 +36,14 @@ from pathlib import Path
 
 from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, weights_hash
+from hndsr.monitoring import REFERENCE_FILE
 from hndsr.params import load_common, load_evaluate, load_params, params_hash
 from hndsr.provenance import git_commit
 from hndsr.reference import reference_input
 from registry import gate
 from registry.config import PromoteParams, load_promote
 from registry.store import (
+    REFERENCE_TAG,
     Registry,
     RegistryError,
     Version,
@@ -89,6 +91,10 @@ def load_candidate(models_dir: str | Path, metrics_dir: str | Path) -> Candidate
     if evaluation.get("models") != weights:
         raise RegistryError(f"{eval_path} scored other weights than {models_dir}/ holds; re-run `dvc repro` "
                             "(stage evaluate) so the metrics belong to this model")
+    reference = models_dir / REFERENCE_FILE
+    if reference.is_file() and json.loads(reference.read_text()).get("models") != weights:
+        raise RegistryError(f"{reference} belongs to other weights than {models_dir}/ holds; re-run `dvc repro` "
+                            "(stage evaluate writes it)")
     configs = {stage: json.loads((models_dir / stage / "config.json").read_text()) for stage in STAGES}
     run_ids = {stage: config.get("run_id", "") for stage, config in configs.items()}
     return Candidate(models_dir, evaluation["scales"], evaluation, weights, run_ids, candidate_id(weights, configs))
@@ -139,6 +145,9 @@ def candidate_tags(candidate: Candidate, params_path: str | Path) -> dict[str, s
         "gate.decision": "pending",
     }
     tags.update({f"weights.{stage}": digest for stage, digest in candidate.weights.items()})
+    reference = candidate.models_dir / REFERENCE_FILE
+    if reference.is_file():
+        tags[REFERENCE_TAG] = hashlib.sha256(reference.read_bytes()).hexdigest()
     tags.update({f"run_id.{stage}": run_id for stage, run_id in candidate.run_ids.items()})
     tags.update(eval_tags(candidate.scores, EVAL_METRICS))
     return tags
@@ -194,6 +203,9 @@ def register(registry: Registry, candidate: Candidate, params_path: str | Path, 
             (checkpoints / stage).mkdir(parents=True)
             for name in ("config.json", "model.safetensors"):
                 (checkpoints / stage / name).write_bytes((candidate.models_dir / stage / name).read_bytes())
+        reference = candidate.models_dir / REFERENCE_FILE  # the monitoring reference travels with the version
+        if reference.is_file():
+            (checkpoints / REFERENCE_FILE).write_bytes(reference.read_bytes())
         version = registry.register(checkpoints, python_model=PYFUNC_FILE, experiment=experiment, tags=tags,
                                     run_tags={"candidate_id": candidate.id, "dataset_hash": candidate.dataset_hash},
                                     signature=signature, input_example=example, pip_requirements=_requirements())

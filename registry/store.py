@@ -16,6 +16,7 @@ the server unreachable, the registered model or a version missing. A server that
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -75,7 +76,27 @@ def check_weights(version: Version, checkpoints: Path) -> dict[str, str]:
                              f"it was registered with (SHA-256 {found[changed[0]][:12]}, recorded "
                              f"{recorded[changed[0]][:12]}): the artifact store was altered; restore its files or "
                              "register a new version")
+    check_reference(version, checkpoints)
     return {key.removeprefix("weights."): digest for key, digest in found.items()}
+
+
+REFERENCE_TAG = "reference.sha256"  # the SHA-256 of the version's monitoring reference (hndsr.monitoring)
+
+
+def check_reference(version: Version, checkpoints: Path) -> None:
+    """IntegrityError unless the monitoring reference in `checkpoints` is the one registered: present with the
+    recorded SHA-256 when the version records one, absent when it does not (versions registered before references
+    were recorded have neither)."""
+    from hndsr.monitoring import REFERENCE_FILE
+
+    path = Path(checkpoints) / REFERENCE_FILE
+    recorded = version.tags.get(REFERENCE_TAG)
+    found = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    if found != recorded:
+        raise IntegrityError(f"version {version.version}: its monitoring reference ({REFERENCE_FILE}) in the artifact "
+                             f"store is {'missing' if found is None else f'SHA-256 {found[:12]}'}, registered "
+                             f"{'without one' if recorded is None else f'with SHA-256 {recorded[:12]}'}: the artifact "
+                             "store was altered; restore its files or register a new version")
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,18 @@ compared like with like: a size band is a factor of 4 in output pixels (`size_ba
 megapixel of a small image are mostly the fixed cost of a pass (22.0 s for 16 px inputs against 3.5 s for
 128 px ones, on two versions 0.1 % apart). Versions whose clients send sizes in different bands are not compared
 on latency.
+It is also backed out when, with HNDSR_CANARY_MIN_REQUESTS answers of each version carrying a consistency figure in
+the window, its median consistency (dB: its answers shrunk back against their inputs, hndsr.monitoring) lies more
+than HNDSR_CANARY_MAX_CONSISTENCY_DROP_DB below production's: a model that invents or loses structure, which
+neither errors nor latency show. Each version answers its own clients' images, so the margin is wide (3 dB by
+default: two versions of one recipe differ by a few tenths; a broken one by far more).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -50,18 +56,23 @@ class Outcome:
     ok: bool  # False: a server error of this version (its inference failed or passed the deadline)
     s_per_megapixel: float | None  # queue + inference seconds per output megapixel, for answers
     band: tuple[int, int] | None = None  # the size band of the answer's output (size_band)
+    consistency_db: float | None = None  # the answer's consistency (hndsr.monitoring), when computed
 
 
 class Monitor:
-    def __init__(self, window_s: float, min_requests: int, max_error_ratio: float, max_latency_ratio: float) -> None:
+    def __init__(self, window_s: float, min_requests: int, max_error_ratio: float, max_latency_ratio: float,
+                 max_consistency_drop_db: float = 3.0) -> None:
         self.window_s, self.min_requests = window_s, min_requests
         self.max_error_ratio, self.max_latency_ratio = max_error_ratio, max_latency_ratio
+        self.max_consistency_drop_db = max_consistency_drop_db
         self._outcomes: dict[str, deque[Outcome]] = {}
 
-    def record(self, version: str, ok: bool, seconds: float | None = None, pixels: int | None = None) -> None:
+    def record(self, version: str, ok: bool, seconds: float | None = None, pixels: int | None = None,
+               consistency_db: float | None = None) -> None:
         per_mp = seconds / (pixels / 1e6) if ok and seconds is not None and pixels else None
         outcomes = self._outcomes.setdefault(version, deque())
-        outcomes.append(Outcome(time.monotonic(), ok, per_mp, size_band(pixels) if per_mp is not None else None))
+        outcomes.append(Outcome(time.monotonic(), ok, per_mp, size_band(pixels) if per_mp is not None else None,
+                                consistency_db if ok else None))
         self._trim(outcomes)
 
     def _trim(self, outcomes: deque[Outcome]) -> None:
@@ -80,7 +91,10 @@ class Monitor:
         for o in outcomes:
             if o.s_per_megapixel is not None:
                 by_band.setdefault(o.band, []).append(o.s_per_megapixel)
+        consistency = sorted(o.consistency_db for o in outcomes if o.consistency_db is not None)
         return {"requests": requests, "server_errors": errors, "error_ratio": errors / requests if requests else 0.0,
+                "consistency_answers": len(consistency),
+                "median_consistency_db": round(statistics.median(consistency), 3) if consistency else None,
                 "p95_s_per_megapixel": _p95([v for values in by_band.values() for v in values]),
                 "bands": {_band_name(band): {"answers": len(values), "p95_s_per_megapixel": _p95(values)}
                           for band, values in sorted(by_band.items())}}
@@ -105,6 +119,12 @@ class Monitor:
                         f"v{production}'s {ours['p95_s_per_megapixel']:.3f} s for outputs of {band} "
                         f"({theirs['answers']} and {ours['answers']} answers over {self.window_s:g} s; allowed: "
                         f"x{self.max_latency_ratio:g})"), numbers
+        if min(cand["consistency_answers"], prod["consistency_answers"]) >= self.min_requests \
+                and cand["median_consistency_db"] < prod["median_consistency_db"] - self.max_consistency_drop_db:
+            return (f"median consistency {cand['median_consistency_db']:.2f} dB against production v{production}'s "
+                    f"{prod['median_consistency_db']:.2f} dB ({cand['consistency_answers']} and "
+                    f"{prod['consistency_answers']} answers over {self.window_s:g} s; allowed: "
+                    f"{self.max_consistency_drop_db:g} dB less): its answers agree less with their own inputs"), numbers
         return None
 
     def forget(self, version: str) -> None:

@@ -78,6 +78,31 @@ class Metrics:
                                        "(unreachable, database locked); nothing is reloaded then", registry=r)
         self.batch_size = Histogram("hndsr_batch_tiles", "tiles per forward pass", registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32))
+        # Label-free quality and input drift (hndsr.monitoring, serving/drift.py)
+        self.consistency = Histogram("hndsr_consistency_psnr_db", "each answer shrunk back by the degradation "
+                                     "function against its own input: PSNR in dB (model units, valid pixels); lower "
+                                     "means the answer agrees less with what it was given", ["version"], registry=r,
+                                     buckets=(20, 25, 30, 32, 34, 36, 38, 40, 42, 44, 46, 50, 60, 80))
+        self.consistency_shift = Histogram("hndsr_consistency_shift_px", "displacement between an answer shrunk "
+                                           "back and its input (LR pixels, phase correlation; inputs of 16+ px)",
+                                           ["version"], registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4))
+        self.consistency_reference = Gauge("hndsr_consistency_reference_psnr_db", "the version's own consistency "
+                                           "on its validation split (quantiles 0.05, 0.5, 0.95 of the tiles), the "
+                                           "reference live answers are compared with", ["version", "quantile"],
+                                           registry=r)
+        self.in_range = Histogram("hndsr_input_in_range_ratio", "share of an input's valid pixels whose every band "
+                                  "lies in the training range (0.1-99.9th percentiles of the training split)",
+                                  ["version", "client"], registry=r,
+                                  buckets=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1))
+        self.nodata = Histogram("hndsr_input_nodata_ratio", "share of an input's pixels that are nodata (masked or "
+                                "the nodata value)", ["version", "client"], registry=r,
+                                buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.9, 1))
+        self.psi = Gauge("hndsr_input_psi", "population stability index of the inputs in the drift window "
+                         "(HNDSR_DRIFT_WINDOW_S, at most HNDSR_DRIFT_WINDOW_REQUESTS) against the version's training "
+                         "split, per band: < 0.1 stable, 0.1-0.25 moderate, > 0.25 large shift",
+                         ["version", "client", "band"], registry=r)
+        self.psi_requests = Gauge("hndsr_input_psi_window_requests", "requests in the drift window behind "
+                                  "hndsr_input_psi", ["version", "client"], registry=r)
         self.model = Gauge("hndsr_model_info", "the model being served (value 1), with the arithmetic it runs in",
                            ["version", "alias", "source", "precision", "compiled"], registry=r)
 

@@ -25,6 +25,10 @@ with `hndsr predict`) and the HTTP server's below. An empty variable counts as u
 | `HNDSR_CANARY_MIN_REQUESTS` | 20 | least candidate requests in the window before it is judged |
 | `HNDSR_CANARY_MAX_ERROR_RATIO` | 0.05 | back out when the candidate's server-error ratio exceeds production's by more |
 | `HNDSR_CANARY_MAX_LATENCY_RATIO` | 1.5 | back out when the candidate's p95 seconds per output megapixel exceed production's times this, in a size band where both have HNDSR_CANARY_MIN_REQUESTS answers |
+| `HNDSR_CANARY_MAX_CONSISTENCY_DROP_DB` | 3 | back out when the candidate's median consistency (dB, hndsr.monitoring) on its answers lies more than this below production's, both with HNDSR_CANARY_MIN_REQUESTS answers in the window |
+| `HNDSR_MONITORING` | true | compute each answer's label-free figures (consistency, input drift: hndsr.monitoring) for its headers, the metrics and the canary; false: none of them |
+| `HNDSR_DRIFT_WINDOW_S` | 3600 | the input-drift figures (PSI per version and client) cover the inputs of this many seconds |
+| `HNDSR_DRIFT_WINDOW_REQUESTS` | 500 | and at most this many of the latest requests |
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ class Settings(EngineSettings):
     canary_min_requests: Positive = 20
     canary_max_error_ratio: float = Field(0.05, ge=0, le=1)
     canary_max_latency_ratio: float = Field(1.5, gt=1)
+    canary_max_consistency_drop_db: float = Field(3.0, gt=0)
+    monitoring: bool = True
+    drift_window_s: float = Field(3600.0, gt=0)
+    drift_window_requests: Positive = 500
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

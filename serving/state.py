@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from inference.engine import Engine, LoadedModel
 from serving.canary import Monitor
 from serving.clients import Client, ClientsError, Quotas, load_clients
+from serving.drift import Drift
 from serving.errors import ClientError
 from serving.metrics import Metrics
 from serving.settings import Settings, SettingsError
@@ -50,7 +51,9 @@ class State:
         self.background: set[asyncio.Task] = set()  # tasks kept alive until done (registry records, shadow runs)
         self.shadow_running = False  # one shadow run at a time
         self.monitor = Monitor(settings.canary_window_s, settings.canary_min_requests,
-                               settings.canary_max_error_ratio, settings.canary_max_latency_ratio)
+                               settings.canary_max_error_ratio, settings.canary_max_latency_ratio,
+                               settings.canary_max_consistency_drop_db)
+        self.drift = Drift(self.metrics, settings.drift_window_s, settings.drift_window_requests)
         self.engine: Engine | None = None
         self.canary_lock = asyncio.Lock()  # one roll-out follow at a time (start-up's and the poll's may overlap)
         self.load_failures: dict[str, LoadFailure] = {}  # versions the hot reload could not load (serving/app.py)

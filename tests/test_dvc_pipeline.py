@@ -133,6 +133,12 @@ def test_full_pipeline_tiny(project):
         for key in ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim", "prior_psnr", "detail_ratio"):
             assert isinstance(values[key], float)
     assert (project / "reports" / "eval_grid.png").stat().st_size > 0
+    # The monitoring reference: the training split's input histograms (from the ETL's manifest) and the consistency
+    # on validation, for exactly these weights (hndsr/monitoring.py)
+    reference = json.loads((project / "models" / "reference.json").read_text())
+    manifest = json.loads((project / "data" / "processed" / "manifest.json").read_text())
+    assert reference["input"] == manifest["reference"] and reference["models"] == report["models"]
+    assert reference["consistency"]["psnr_db"]["p05"] <= reference["consistency"]["psnr_db"]["p50"]
 
     import mlflow
 
@@ -176,5 +182,6 @@ def test_full_pipeline_tiny(project):
 
 
 def _outputs(project: Path) -> dict[str, str]:
-    files = sorted((project / "metrics").glob("*")) + sorted((project / "models").rglob("model.safetensors"))
+    files = sorted((project / "metrics").glob("*")) + sorted((project / "models").rglob("model.safetensors")) \
+        + [project / "models" / "reference.json"]
     return {str(f.relative_to(project)): digest(f) for f in files}

@@ -20,6 +20,10 @@ default is steps = 0, it also scores the validated setting with steps as `diffus
 by the degradation function, with its own LR (hndsr.consistency; the gate bounds them). The same figures go to an MLflow run (`test_psnr_x4`, ...) with a sample grid image
 (LR | bicubic | prior | HNDSR | HR) for the test tiles with the most detail, also written to
 `reports/eval_grid.png`.
+
+It also writes the model's monitoring reference, `models/reference.json` (hndsr.monitoring): the ETL's input
+histograms of the training split and the consistency figure's distribution on the validation split, with the
+weight hashes it belongs to; it is registered with the version, and the server compares live traffic with it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hndsr import monitoring
 from hndsr.atomic import atomic_write_bytes
 from hndsr.checkpoint import STAGES, load_model, read_config, weights_hash
 from hndsr.evaluation import score
@@ -39,7 +44,7 @@ from hndsr.images import encode_png, to_uint8
 from hndsr.metrics import high_frequency_energy
 from hndsr.model import bicubic_upsample
 from hndsr.params import load_common, load_evaluate, params_hash
-from hndsr.splits import dataset_hash, load_pairs
+from hndsr.splits import DataError, dataset_hash, load_pairs
 from training import tracking
 from training.runtime import setup_runtime
 
@@ -68,6 +73,11 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
         "dataset_hash": dataset_hash(common.data_dir),
         "models": {stage: weights_hash(Path(common.models_dir) / stage) for stage in STAGES},
     }
+    reference = monitoring_reference(model, common.data_dir, steps=steps, seed=eparams.seed,
+                                     batch_size=eparams.batch_size, device=device)
+    reference.update(dataset_hash=report["dataset_hash"], models=report["models"])
+    atomic_write_bytes(Path(common.models_dir) / monitoring.REFERENCE_FILE,
+                       json.dumps(reference, indent=1, sort_keys=True).encode() + b"\n")
     grid_path = Path(report_dir) / "eval_grid.png"
     atomic_write_bytes(grid_path, encode_png(np.concatenate(grid_rows, axis=0)))
     atomic_write_bytes(Path(common.metrics_dir) / "eval.json", json.dumps(report, indent=2, sort_keys=True).encode() + b"\n")
@@ -98,6 +108,40 @@ def evaluate(params_path: str, report_dir: str = "reports") -> dict:
               f"{timings['ensemble'] / tiles:.3f} s per tile against {timings['plain'] / tiles:.3f} s "
               f"(x{timings['ensemble'] / timings['plain']:.1f})", flush=True)
     return report
+
+
+def monitoring_reference(model, data_dir: str | Path, *, steps: int, seed: int, batch_size: int, device) -> dict:
+    """The model's monitoring reference (hndsr.monitoring): the ETL's input histograms of the training split and
+    the distribution of the consistency figure on the validation split (every scale, the model's default steps)."""
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    if not manifest.get("reference"):
+        raise DataError(f"{data_dir}/manifest.json has no input reference (written by the etl stage since format "
+                        "1 of hndsr.monitoring): re-run `dvc repro etl`")
+    try:
+        validation = load_pairs(data_dir, "val")
+    except DataError:  # a dataset without a validation split: the input reference alone
+        validation = {}
+    psnrs, shifts = [], []
+    for scale, pairs in validation.items():
+        for i in range(0, len(pairs.tile_ids), batch_size):
+            lr = pairs.lr[i : i + batch_size]
+            with torch.inference_mode():
+                output = model.super_resolve(lr.to(device), scale, steps=steps, seed=seed + i).float().cpu()
+            for out, given in zip(output.permute(0, 2, 3, 1).numpy(), lr.permute(0, 2, 3, 1).numpy(), strict=True):
+                psnr_db, shift = monitoring.consistency(out, given, None, scale)
+                if psnr_db is not None:
+                    psnrs.append(psnr_db)
+                if shift is not None:
+                    shifts.append(shift)
+    tiles = sum(len(p.tile_ids) for p in validation.values())
+    consistency = {
+        "psnr_db": monitoring.distribution(psnrs, monitoring.CONSISTENCY_EDGES),
+        "shift_px": {k: (round(float(v), 4) if shifts else None)
+                     for k, v in zip(("p50", "p95"), np.percentile(shifts, [50, 95]) if shifts else (0, 0),
+                                     strict=True)},
+        "computed_on": f"validation split: {tiles} tiles over {len(validation)} scales, steps {steps}, seed {seed}",
+    } if psnrs else None
+    return {"format_version": monitoring.FORMAT_VERSION, "input": manifest["reference"], "consistency": consistency}
 
 
 def _validated_steps(models_dir: Path) -> int | None:

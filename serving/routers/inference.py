@@ -10,7 +10,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from hndsr import imagefile
+from hndsr import imagefile, monitoring
 from hndsr.degradation import hr_size
 from hndsr.images import ImageDecodeError
 from inference import rasters
@@ -208,17 +208,27 @@ async def _answer(request: Request, state: StateDep, upload, model, *, candidate
         raise
     queued = (job.started or job.submitted) - job.submitted
     inference = (job.finished or time.monotonic()) - (job.started or job.submitted)
-    state.monitor.record(version, ok=True, seconds=queued + inference, pixels=out_h * out_w)
+    # The answer's encoding and its label-free figures (hndsr.monitoring) side by side: the figures cost a shrink
+    # of the output, a histogram and a small FFT, which mostly hide behind the encoding.
+    body, assessment = await asyncio.gather(
+        asyncio.to_thread(imagefile.encode, output, decoded, spec, scale, fmt,
+                          png_compress_level=settings.png_compress_level,
+                          tags={"HNDSR_MODEL_VERSION": version, "HNDSR_SCALE": f"{scale:.10g}",
+                                "HNDSR_STEPS": str(steps), "HNDSR_SEED": str(seed)}),
+        asyncio.to_thread(_assess, decoded, output, scale, model) if settings.monitoring else _nothing())
+    state.monitor.record(version, ok=True, seconds=queued + inference, pixels=out_h * out_w,
+                         consistency_db=assessment.consistency_psnr_db if assessment is not None else None)
     if candidate:
         rollout.judge(state)
     else:
         rollout.shadow(state, decoded.lr, scale, steps, seed, output)
     state.metrics.queue_wait.observe(queued)
     state.metrics.inference.observe(inference)
-    body = await asyncio.to_thread(
-        imagefile.encode, output, decoded, spec, scale, fmt, png_compress_level=settings.png_compress_level,
-        tags={"HNDSR_MODEL_VERSION": version, "HNDSR_SCALE": f"{scale:.10g}", "HNDSR_STEPS": str(steps),
-              "HNDSR_SEED": str(seed)})
+    figures = {}
+    if assessment is not None:
+        served = {str(m.info["version"]) for m in (state.model, state.canary) if m is not None}
+        state.drift.observe(model, client.name if client is not None else "", assessment, served)
+        figures = _figure_headers(assessment.to_dict(model.reference))
     state.metrics.images.inc()
     state.metrics.pixels.inc(out_h * out_w)
     if client is not None:
@@ -227,4 +237,27 @@ async def _answer(request: Request, state: StateDep, upload, model, *, candidate
         "X-Model-Version": version, "X-Model-Alias": str(model.info.get("alias") or ""),
         "X-Queue-Time-Ms": f"{queued * 1000:.1f}", "X-Inference-Time-Ms": f"{inference * 1000:.1f}",
         "X-Output-Size": f"{out_w}x{out_h}", "X-Scale": f"{scale:g}", "X-Steps": str(steps), "X-Seed": str(seed),
-        **(state.quotas.headers(client) if client is not None else {})})
+        **figures, **(state.quotas.headers(client) if client is not None else {})})
+
+
+# The answer's label-free figures as response headers (hndsr.monitoring; absent: not computable for this input,
+# e.g. no input reference for the version, or an input under 16 px for the shift).
+FIGURE_HEADERS = {"consistency_psnr_db": "X-Consistency-PSNR-dB", "shift_px": "X-Consistency-Shift-Px",
+                  "in_range_share": "X-Input-In-Range", "nodata_share": "X-Input-Nodata", "psi": "X-Input-PSI"}
+
+
+def _figure_headers(figures: dict) -> dict[str, str]:
+    return {header: f"{figures[key]:g}" for key, header in FIGURE_HEADERS.items() if figures.get(key) is not None}
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _assess(decoded, output, scale: float, model) -> monitoring.Assessment | None:
+    """The answer's figures, or None if they cannot be computed (logged: the answer itself is good)."""
+    try:
+        return monitoring.assess(decoded.lr, decoded.valid, output, scale, model.reference)
+    except Exception:  # noqa: BLE001 - monitoring never fails a request
+        log.exception("could not compute the monitoring figures of an answer")
+        return None

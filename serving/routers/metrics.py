@@ -37,4 +37,5 @@ async def rollout_numbers(state: StateDep) -> dict:
             "backed_out": state.backed_out,
             "thresholds": {"min_requests": settings.canary_min_requests,
                            "max_error_ratio": settings.canary_max_error_ratio,
-                           "max_latency_ratio": settings.canary_max_latency_ratio}}
+                           "max_latency_ratio": settings.canary_max_latency_ratio,
+                           "max_consistency_drop_db": settings.canary_max_consistency_drop_db}}

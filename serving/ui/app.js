@@ -67,6 +67,14 @@ async function loadCard() {
   fact(list, "bands", (info.data && info.data.bands || []).join(", "));
   fact(list, "device", `${info.device}, ${info.inference ? info.inference.precision : "float32"}`);
   if (info.dataset_hash) fact(list, "dataset", info.dataset_hash.slice(0, 12));
+  const reference = info.reference;
+  if (reference && reference.consistency_psnr_db && reference.consistency_psnr_db.p50 !== null) {
+    const c = reference.consistency_psnr_db;
+    fact(list, "consistency on validation", `${c.p50.toFixed(1)} dB median (5th percentile ${c.p05.toFixed(1)} dB)`);
+  }
+  if (reference && reference.input) {
+    fact(list, "training range", reference.input.bands.map((b) => `${b.name} ${b.range[0].toFixed(2)}\u2013${b.range[1].toFixed(2)}`).join(", "));
+  }
   list.hidden = false;
   $("card-status").textContent = "";
   const body = $("card-metrics").querySelector("tbody");
@@ -91,6 +99,27 @@ async function loadCard() {
   }
   setScale(Math.min(4, info.scale_range[1]));
   $("steps").placeholder = `default ${info.default_steps}`;
+}
+
+// The answer's label-free figures (hndsr.monitoring): its consistency with its own input and whether the input
+// looks like the training data.
+function quality(headers) {
+  const consistency = headers.get("X-Consistency-PSNR-dB");
+  if (consistency === null) return "";
+  const parts = [`Consistency with the input: ${Number(consistency).toFixed(1)} dB`];
+  const shift = headers.get("X-Consistency-Shift-Px");
+  if (shift !== null) parts[0] += `, shift ${Number(shift).toFixed(2)} px`;
+  const inRange = headers.get("X-Input-In-Range");
+  if (inRange !== null) {
+    const share = Number(inRange);
+    parts.push(share >= 0.95 ? `input in the training range (${(100 * share).toFixed(1)} % of pixels)`
+      : `input outside the training range: only ${(100 * share).toFixed(1)} % of pixels inside, expect a worse result`);
+  }
+  const psi = headers.get("X-Input-PSI");
+  if (psi !== null) parts.push(`PSI of this input against the training split ${Number(psi).toFixed(2)}`);
+  const nodata = Number(headers.get("X-Input-Nodata") || 0);
+  if (nodata > 0) parts.push(`${(100 * nodata).toFixed(1)} % nodata`);
+  return parts.join("; ") + ".";
 }
 
 function setScale(value) {
@@ -160,6 +189,7 @@ async function run(event) {
     $("slider-row").hidden = !(png && input);
     $("side-by-side").hidden = !png;
     $("input-view").closest("figure").hidden = !input;
+    $("result-quality").textContent = quality(response.headers);
     $("result-facts").textContent =
       `${width}\u00d7${height} px at x${response.headers.get("X-Scale")}, ${response.headers.get("X-Steps")} DDIM steps, ` +
       `seed ${response.headers.get("X-Seed")}, model version ${response.headers.get("X-Model-Version")} ` +

@@ -123,6 +123,11 @@ def test_every_real_geotiff_keeps_its_georeference_type_bands_and_nodata(geotiff
         # In stored units against the input as stored: small for this near-bicubic model, never exactly zero.
         assert 0 < figures["reflectance_nrmse"] < 0.05 and min(figures["reflectance_rmse"]) > 0, figures
         assert abs(figures["shift_px"]["dy"]) < 0.5 and abs(figures["shift_px"]["dx"]) < 0.5
+        # The server's label-free figures, per scene window and for the file (no reference: consistency and nodata)
+        watched = report["monitoring"]
+        assert len(watched["windows"]) == report["windows"] and watched["consistency_psnr_db"] > 20
+        assert 0 <= watched["nodata_share"] < 1 and watched["psi"] is None and watched["reference"] is None
+        assert all(w["consistency_psnr_db"] > 20 for w in watched["windows"] if w["consistency_psnr_db"] is not None)
         with rasterio.open(out / name) as written:
             assert written.tags()["HNDSR_SCALE"] == "2.5" and written.tags()["HNDSR_MODEL_VERSION"] == "local"
 
@@ -266,6 +271,9 @@ def test_png_in_gives_png_out_and_existing_outputs_are_kept(realsat, models, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     written = tmp_path / "out" / "sub" / image.with_suffix(".png").name
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(written.with_name(f"{image.stem}.consistency.json").read_text())
+    assert report["scale"] == 2 and report["monitoring"]["consistency_psnr_db"] > 20
+    assert report["monitoring"]["nodata_share"] == 0 and report["monitoring"]["shift_px"] < 0.5
     again = run_predict(tmp_path / "in", "--out", tmp_path / "out", "--scale", "2", "--model", models[3])
     assert again.returncode == 1 and "exists (use --overwrite to replace it)" in again.stdout
 

@@ -176,6 +176,42 @@ def test_registered_version_loads_by_alias_and_matches_checkpoints(make_project,
     _round_trip(project, mlflow_server.uri, name, realsat, monkeypatch)
 
 
+
+def test_the_monitoring_reference_is_registered_with_the_version_and_checked_at_load(make_project, mlflow_server,
+                                                                                    monkeypatch):
+    """The evaluate stage's models/reference.json travels with the version (its SHA-256 a tag); the server loads it
+    and refuses the version when the stored copy was altered, as it does for weights."""
+    import hashlib
+
+    import torch
+
+    from inference import loader
+    from registry.store import Registry
+
+    name = f"hndsr-{uuid.uuid4().hex[:8]}"
+    project = make_project("good", model_name=name)
+    record = json.loads((project / "models" / "reference.json").read_text())
+    assert [b["name"] for b in record["input"]["bands"]] == ["red", "green", "blue"]
+    assert record["consistency"]["psnr_db"]["p50"] > 20 and "validation split" in record["consistency"]["computed_on"]
+    # A reference of its own: other tests of the session register the same candidate into the same artifact store
+    record["consistency"]["computed_on"] += f" ({name})"
+    reference = json.dumps(record).encode()
+    (project / "models" / "reference.json").write_bytes(reference)
+    assert registry_cli(project, mlflow_server.uri, "promote").returncode == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    version = Registry(name, mlflow_server.uri).alias_version("production")
+    digest = hashlib.sha256(reference).hexdigest()
+    assert Registry(name, mlflow_server.uri).get(version).tags["reference.sha256"] == digest
+    loaded = loader.load(f"models:/{name}@production", torch.device("cpu"), precision="float32", compile="off")
+    assert loaded.reference is not None and loaded.info["reference"]["consistency_psnr_db"]["p50"] \
+        == record["consistency"]["psnr_db"]["p50"]
+    store = mlflow_server.log.parent / "artifacts"
+    stored = next(p for p in store.rglob("reference.json") if hashlib.sha256(p.read_bytes()).hexdigest() == digest)
+    stored.write_bytes(reference.replace(b'"format_version"', b'"format_version" ', 1))
+    with pytest.raises(loader.ModelIntegrityError, match="monitoring reference"):
+        loader.load(f"models:/{name}@production", torch.device("cpu"), precision="float32", compile="off")
+
+
 def test_alias_moved_while_gating_is_compared_again(make_project, mlflow_server, monkeypatch):
     """A racer moves production between the comparison and the move: the gate compares again with the new
     production before moving it, and records the version it really replaced."""

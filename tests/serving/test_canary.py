@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from hndsr.images import encode_png
 from serving.canary import bucket
 from serving.clients import key_hash
 from tests.compare import sha
@@ -68,10 +69,11 @@ def test_sticky_split_within_binomial_bounds_and_the_server_follows_the_aliases(
     keys_file, keys = clients(tmp_path, 40)
     # This test is about routing: two versions of the same size answering 8 px images from 4 threads on 2 cores
     # differ in p95 latency by scheduling noise alone (the likeliest reason a CI run once found the candidate
-    # dropped mid-test), so the latency rule is out of the way here; the judge has its own test below.
+    # dropped mid-test), and two random models differ in consistency by chance, so the latency and consistency
+    # rules are out of the way here; the judge has its own tests below.
     s = Server({"MLFLOW_TRACKING_URI": mlflow_server.uri, "MODEL_URI": "models:/served@production",
                 "HNDSR_POLL_S": "0.5", "HNDSR_CANARY_WEIGHT": "0.25", "HNDSR_API_KEYS_FILE": str(keys_file),
-                "HNDSR_CANARY_MAX_LATENCY_RATIO": "1000"}, tmp_path)
+                "HNDSR_CANARY_MAX_LATENCY_RATIO": "1000", "HNDSR_CANARY_MAX_CONSISTENCY_DROP_DB": "1000"}, tmp_path)
     s.wait_ready()
     try:
         wait_for(f"{s.url}/rollout", lambda d: d["weight"] == 0.25 and len(d["versions"]) == 2, s)
@@ -157,6 +159,44 @@ def test_a_failing_candidate_is_backed_out_and_clients_see_no_server_error(tmp_p
         time.sleep(1.5)  # polls later, the backed-out version is not loaded again
         assert httpx.get(f"{s.url}/rollout").json()["weight"] == 0
         assert "backed out roll-out candidate version" in s.log.read_text()
+    finally:
+        s.stop()
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_a_candidate_with_perturbed_weights_is_backed_out_on_consistency(tmp_path, registry_server, realsat):
+    """Production and a candidate that is the same model with noise in its decoder: neither fails nor is slower,
+    but its answers agree less with their inputs, and the canary backs it out on that alone."""
+    from tests.serving.test_monitoring import crops, realsat_images
+
+    mlflow_server, registry = registry_server
+    production = register(registry, write_model(tmp_path / "v1" / "checkpoints", seed=0, local=True))
+    candidate = register(registry, write_model(tmp_path / "v2" / "checkpoints", seed=0, local=True, perturb=0.1))
+    registry.move_alias("production", production)
+    registry.move_alias("candidate", candidate)
+    keys_file, keys = clients(tmp_path, 20)
+    s = Server({"MLFLOW_TRACKING_URI": mlflow_server.uri, "MODEL_URI": "models:/served@production",
+                "HNDSR_POLL_S": "0.5", "HNDSR_CANARY_WEIGHT": "0.5", "HNDSR_CANARY_MIN_REQUESTS": "8",
+                "HNDSR_CANARY_WINDOW_S": "300", "HNDSR_CANARY_MAX_LATENCY_RATIO": "1000",
+                "HNDSR_API_KEYS_FILE": str(keys_file)}, tmp_path)
+    s.wait_ready()
+    try:
+        wait_for(f"{s.url}/rollout", lambda d: d["weight"] == 0.5, s)
+        images = [encode_png(image) for image in crops(realsat_images(realsat), 3)]
+        answers = [post(s.url, image, scale="2", steps="0", headers={"Authorization": f"Bearer {key}"})
+                   for image in images for key in keys.values()]  # every client sends the same images
+        assert [a.status_code for a in answers] == [200] * len(answers)
+        rollout = httpx.get(f"{s.url}/rollout").json()
+        assert rollout["weight"] == 0 and candidate in rollout["backed_out"], rollout
+        assert "median consistency" in rollout["backed_out"][candidate]
+        numbers = rollout["versions"]
+        assert numbers[candidate]["median_consistency_db"] < numbers[production]["median_consistency_db"] - 3
+        assert numbers[candidate]["error_ratio"] == 0  # it never failed: consistency alone backed it out
+        metrics = httpx.get(f"{s.url}/metrics").text
+        assert f'hndsr_canary_backouts_total{{version="{candidate}"}} 1.0' in metrics
+        after = post(s.url, images[0], scale="2", steps="0", headers={"Authorization": f"Bearer {keys['client-00']}"})
+        assert after.headers["x-model-version"] == production
+        assert registry.alias_version("production") == production  # never moved
     finally:
         s.stop()
         os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -44,17 +44,23 @@ BIN = Path(sys.executable).parent
 
 
 def write_model(folder: Path, seed: int, *, local: bool = False, bands: tuple[str, ...] = DEFAULT_BANDS,
-                scales: dict[str, float] | None = None, unet_width: int = 8, steps: int = 2) -> Path:
+                scales: dict[str, float] | None = None, unet_width: int = 8, steps: int = 2,
+                perturb: float = 0.0) -> Path:
     """Random small networks as checkpoints. `local`: a lossless autoencoder (all 12 components of the 2x2
     blocks) and the operator at its untrained zero start, so like a trained model the output at a pixel depends
     on its neighbourhood only (a random operator sees grid coordinates; a lossy random autoencoder has a 2x2
     block phase), which the tiling test needs. `bands` and `scales`: the data spec (hndsr.raster) it records;
-    `unet_width` and `steps` (its default DDIM steps): a slower model."""
+    `unet_width` and `steps` (its default DDIM steps): a slower model. `perturb`: the same model with noise of this
+    standard deviation added to the decoder's linear map (a broken version of it)."""
     torch.manual_seed(seed)
     channels = len(bands)
     latent = 4 * channels if local else 4
     ae = Autoencoder(AutoencoderConfig(channels=channels, latent_channels=latent, width=8, blocks=1))
     ae.fit_linear(torch.rand(2, channels, 16, 16))
+    if perturb:
+        with torch.no_grad():
+            weight = ae.dec_linear.weight
+            weight += perturb * torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed + 1))
     op = NeuralOperator(OperatorConfig(channels=channels, latent_channels=latent, width=8, modes=4, layers=2))
     torch.nn.init.normal_(op.project[-1].weight, std=0.0 if local else 0.01)
     unet = DiffusionUNet(UNetConfig(latent_channels=latent, width=unet_width, emb_dim=16))
