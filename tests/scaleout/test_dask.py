@@ -179,8 +179,9 @@ def test_batch_prediction_on_two_local_workers_writes_the_same_bytes(tmp_path, r
         assert "5 written" in runs[name].stdout and "1 failed" in runs[name].stdout
         assert "broken.png" in runs[name].stdout
     written = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert len(written) == 6 and {Path("scene.tif"), Path("scene.consistency.json")} <= set(written)
+    assert len(written) == 10 and {Path("scene.tif"), Path("scene.consistency.json")} <= set(written)
     images = [p for p in written if p.suffix != ".json"]
+    assert all(p.with_name(f"{p.stem}.consistency.json") in written for p in images)  # each with its report
     _same(tmp_path / "one", tmp_path / "two", images)  # the same thread count: the same bytes
     for image in images:  # another thread count rounds some float sums differently: at most one level, rarely
         assert_close_rasters(tmp_path / "default" / image, tmp_path / "one" / image, max_levels=1, max_share=1e-3)

@@ -2,6 +2,7 @@
 PostgreSQL at 127.0.0.1:5432, logging to a real `mlflow server` on PostgreSQL with artifacts in S3 through its
 proxy (the workers hold no S3 credentials); one worker is SIGKILLed mid-trial."""
 
+import functools
 import json
 import shutil
 import signal
@@ -20,9 +21,18 @@ pytestmark = pytest.mark.scaleout
 BUDGET = 6
 
 
+@functools.cache
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    """One storage (one connection pool) per database: the tests poll every 0.2 s for minutes, and a storage made
+    from the URL at each poll held its pooled connections until garbage collection, which once exhausted the
+    server's 100 connections on a slower machine ("sorry, too many clients already")."""
+    return optuna.storages.RDBStorage(url)
+
+
 def _study(url: str) -> optuna.Study | None:
-    summaries = [s for s in optuna.get_all_study_summaries(url) if "hndsr" in s.user_attrs]
-    return optuna.load_study(study_name=summaries[0].study_name, storage=url) if summaries else None
+    storage = _storage(url)
+    summaries = [s for s in optuna.get_all_study_summaries(storage) if "hndsr" in s.user_attrs]
+    return optuna.load_study(study_name=summaries[0].study_name, storage=storage) if summaries else None
 
 
 def _wait(condition, timeout: float, what: str, processes=()):
